@@ -1,0 +1,33 @@
+"""Shared pytest set-up: the pack's core is importable as ``infinitetalk``; parity fixtures are located."""
+import os
+from pathlib import Path
+
+import packimport  # on sys.path through pytest's pythonpath setting
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+packimport.register()
+
+
+def shared_dir() -> Path:
+    """The read-only reference folder (``../shared`` beside the checkout, or $INFINITETALK_SHARED)."""
+    return Path(os.environ.get("INFINITETALK_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    path = shared_dir() / "fixtures"
+    if not path.is_dir():
+        pytest.fail(f"parity fixtures not found at {path}; set INFINITETALK_SHARED to the shared/ folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real ComfyUI server with this pack loaded, shared by the whole test session."""
+    from comfyhost import ComfyServer
+
+    server = ComfyServer(workdir=tmp_path_factory.mktemp("comfy")).start()
+    yield server
+    server.stop()
