@@ -1,0 +1,288 @@
+"""The Wan2.1 DiT (model-spec §2): attention layers, block, head and :class:`WanModel`.
+
+Module attribute names equal the official state-dict keys, so an official checkpoint loads with a strict
+``load_state_dict`` after prefix stripping. Every Linear inside the blocks is built with the ``ops.Linear`` class
+handed to the constructor (quantizable); embeddings and head use the plain high-precision Linear. Attention runs
+through the :class:`~attention.AttentionBackend` handed to the constructor. The model never moves weights between
+devices; activations are created on the device of the input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attention import AttentionBackend
+from ..fp8_optimization import Ops, QuantMode, ops_for
+from .config import WanConfig
+from .layers import MLPProj, WanLayerNorm, WanRMSNorm, gated_residual, modulate, sinusoidal_embedding_1d
+from .rope import RopeTable, apply_rope, rope_table_3d
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """Per-call inputs shared by all blocks.
+
+    grid: token grid (F, H, W) after patchify; rope: 3-D RoPE table [S, head_dim/2];
+    context: [B, n_img + text_len, dim] in the compute dtype (CLIP tokens first); n_img: number of CLIP tokens.
+    """
+
+    grid: tuple[int, int, int]
+    rope: RopeTable
+    context: torch.Tensor
+    n_img: int
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over the full dim and 3-D RoPE. x [B, S, dim] -> [B, S, dim]."""
+
+    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attention = cfg.num_heads, cfg.head_dim, attention
+        self.q = ops.Linear(cfg.dim, cfg.dim)
+        self.k = ops.Linear(cfg.dim, cfg.dim)
+        self.v = ops.Linear(cfg.dim, cfg.dim)
+        self.o = ops.Linear(cfg.dim, cfg.dim)
+        self.norm_q = WanRMSNorm(cfg.dim, eps=cfg.eps)
+        self.norm_k = WanRMSNorm(cfg.dim, eps=cfg.eps)
+
+    def qkv(self, x: torch.Tensor, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected q, k (normed, rotated) and v, each [B, S, heads, head_dim] in x's dtype."""
+        heads = (self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope).to(x.dtype)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope).to(x.dtype)
+        return q, k, self.v(x).unflatten(-1, heads)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention over all keys and the output projection: [B, S, heads, head_dim] -> [B, S, dim]."""
+        return self.o(self.attention(q, k, v).flatten(2))
+
+    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+        return self.attend(*self.qkv(x, rope))
+
+
+class WanT2VCrossAttention(nn.Module):
+    """Cross-attention to the text tokens. x [B, S, dim], context [B, L, dim] -> [B, S, dim]."""
+
+    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attention = cfg.num_heads, cfg.head_dim, attention
+        self.q = ops.Linear(cfg.dim, cfg.dim)
+        self.k = ops.Linear(cfg.dim, cfg.dim)
+        self.v = ops.Linear(cfg.dim, cfg.dim)
+        self.o = ops.Linear(cfg.dim, cfg.dim)
+        self.norm_q = WanRMSNorm(cfg.dim, eps=cfg.eps)
+        self.norm_k = WanRMSNorm(cfg.dim, eps=cfg.eps)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _text(self, q: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        k = self._heads(self.norm_k(self.k(text)))
+        return self.attention(q, k, self._heads(self.v(text))).flatten(2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0) -> torch.Tensor:
+        q = self._heads(self.norm_q(self.q(x)))
+        return self.o(self._text(q, context[:, n_img:]))
+
+
+class WanI2VCrossAttention(WanT2VCrossAttention):
+    """Text + CLIP-image cross-attention; the two attention outputs are summed before ``o``.
+
+    context [B, n_img + L, dim] with the n_img CLIP tokens first.
+    """
+
+    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
+        super().__init__(cfg, ops, attention)
+        self.k_img = ops.Linear(cfg.dim, cfg.dim)
+        self.v_img = ops.Linear(cfg.dim, cfg.dim)
+        self.norm_k_img = WanRMSNorm(cfg.dim, eps=cfg.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0) -> torch.Tensor:
+        img = context[:, :n_img]
+        q = self._heads(self.norm_q(self.q(x)))
+        k_img = self._heads(self.norm_k_img(self.k_img(img)))
+        img_out = self.attention(q, k_img, self._heads(self.v_img(img))).flatten(2)
+        return self.o(self._text(q, context[:, n_img:]) + img_out)
+
+
+class WanAttentionBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN (model-spec §2.3).
+
+    x [B, S, dim] compute dtype; e0 [B, 6, dim] float32. Subclasses add work after the cross-attention through
+    :meth:`after_cross_attn`, fed by the second value :meth:`self_attention` returns.
+    """
+
+    self_attn_cls: type = WanSelfAttention
+
+    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
+        super().__init__()
+        self.norm1 = WanLayerNorm(cfg.dim, cfg.eps)
+        self.self_attn = self.self_attn_cls(cfg, ops, attention)
+        self.norm3 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        cross_cls = WanI2VCrossAttention if cfg.model_type == "i2v" else WanT2VCrossAttention
+        self.cross_attn = cross_cls(cfg, ops, attention)
+        self.norm2 = WanLayerNorm(cfg.dim, cfg.eps)
+        self.ffn = nn.Sequential(ops.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 ops.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def self_attention(self, u: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
+        """Self-attention output [B, S, dim] and an extra value for :meth:`after_cross_attn` (None here)."""
+        return self.self_attn(u, ctx.rope), None
+
+    def after_cross_attn(self, x: torch.Tensor, extra: Any, ctx: BlockContext) -> torch.Tensor:
+        """Hook between the cross-attention and the FFN; identity in the plain Wan block."""
+        return x
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        y, extra = self.self_attention(modulate(self.norm1(x), shift1, scale1), ctx)
+        x = gated_residual(x, y, gate1)
+        x = x + self.cross_attn(self.norm3(x), ctx.context, ctx.n_img)
+        x = self.after_cross_attn(x, extra, ctx)
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return gated_residual(x, y, gate2)
+
+
+class Head(nn.Module):
+    """Output head in float32: x [B, S, dim], e [B, dim] float32 -> [B, S, prod(patch)·out_dim] float32."""
+
+    def __init__(self, cfg: WanConfig, linear: type) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = linear(cfg.dim, cfg.patch_volume * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+def pad_context(contexts: Sequence[torch.Tensor], text_len: int) -> torch.Tensor:
+    """Stack text-encoder outputs [L_i, text_dim] (L_i <= text_len) into [B, text_len, text_dim], zero rows last."""
+    out = contexts[0].new_zeros(len(contexts), text_len, contexts[0].shape[-1])
+    for i, c in enumerate(contexts):
+        if c.dim() != 2 or c.shape[0] > text_len or c.shape[1] != out.shape[-1]:
+            raise ValueError(f"text context {i} has shape {tuple(c.shape)}; expected [L <= {text_len}, "
+                             f"{out.shape[-1]}] (truncate the prompt to text_len tokens)")
+        out[i, : c.shape[0]] = c
+    return out
+
+
+class WanModel(nn.Module):
+    """Wan2.1 DiT (T2V or I2V): ``WanModel(cfg, ops, attention)``; ops from ``fp8_optimization.ops_for`` (block
+    Linears), attention from ``attention.resolve``. Built on the meta device and filled by ``wanvideo.checkpoint``.
+
+    ``KEEP_FP32``: substrings of parameter names stored and used in float32 whatever the base dtype.
+    ``NOT_QUANTIZED``: substrings of parameter names never stored in a quantized format.
+    """
+
+    KEEP_FP32: tuple[str, ...] = ("time_embedding.", "time_projection.", "modulation", "head.", "norm")
+    NOT_QUANTIZED: tuple[str, ...] = ("patch_embedding", "text_embedding", "time_embedding", "time_projection",
+                                      "img_emb", "modulation", "head.", "norm", "bias", "audio_proj")
+    block_cls: type = WanAttentionBlock
+
+    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
+        super().__init__()
+        hp = ops_for(QuantMode.DISABLED).Linear
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(hp(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            hp(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(hp(cfg.freq_dim, cfg.dim), nn.SiLU(), hp(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), hp(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([self.block_cls(cfg, ops, attention) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg, hp)
+        if cfg.model_type == "i2v":
+            self.img_emb = MLPProj(cfg.clip_dim, cfg.dim, hp)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activation dtype of the block stack (the dtype the patch embedding is stored in)."""
+        return self.patch_embedding.weight.dtype
+
+    def embed_video(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x [B, C_x, T, H, W] (+ y [B, C_y, T, H, W]) -> tokens [B, S, dim] in the compute dtype and grid."""
+        cfg = self.config
+        if x.dim() != 5:
+            raise ValueError(f"x must be [B, C, T, H, W], got {tuple(x.shape)}")
+        if y is not None:
+            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise ValueError(f"y {tuple(y.shape)} does not match x {tuple(x.shape)} in batch/T/H/W")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"latent channels (x + y) = {x.shape[1]}, but this model takes {cfg.in_dim}; "
+                             f"{'pass y (mask + image latent)' if y is None else 'check y'}")
+        if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+            raise ValueError(f"latent T/H/W {tuple(x.shape[2:])} must be multiples of the patch {cfg.patch_size}")
+        tokens = self.patch_embedding(x.to(self.compute_dtype))
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2), grid
+
+    def embed_time(self, t: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] or [1] -> (e [B, dim], e0 [B, 6, dim]), both float32."""
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(-1)
+        if t.shape[0] != batch:
+            raise ValueError(f"t has {t.shape[0]} timesteps for a batch of {batch}")
+        e = self.time_embedding(sinusoidal_embedding_1d(self.config.freq_dim, t))
+        return e, self.time_projection(e).unflatten(1, (6, self.config.dim))
+
+    def embed_context(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """context [B, L <= text_len, text_dim] (+ clip_fea [B, N, clip_dim]) -> ([B, N + text_len, dim], N)."""
+        cfg, dt = self.config, self.compute_dtype
+        if context.dim() != 3 or context.shape[1] > cfg.text_len or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [B, L <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}")
+        if context.shape[1] < cfg.text_len:
+            context = torch.cat([context, context.new_zeros(context.shape[0], cfg.text_len - context.shape[1],
+                                                            cfg.text_dim)], dim=1)
+        text = self.text_embedding(context.to(dt))
+        if cfg.model_type == "t2v":
+            return text, 0
+        if clip_fea is None or clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.clip_dim:
+            got = None if clip_fea is None else tuple(clip_fea.shape)
+            raise ValueError(f"this I2V model needs clip_fea [B, 257, {cfg.clip_dim}] (CLIP vision tokens), got {got}")
+        img = self.img_emb(clip_fea.to(dt)).expand(text.shape[0], -1, -1)
+        return torch.cat([img, text], dim=1), img.shape[1]
+
+    def block_context(self, grid: tuple[int, int, int], context: torch.Tensor, n_img: int,
+                      extras: dict[str, Optional[torch.Tensor]]) -> BlockContext:
+        """Build the shared block inputs; the plain Wan model takes no audio / speaker masks."""
+        given = [k for k, v in extras.items() if v is not None]
+        if given:
+            raise ValueError(f"{type(self).__name__} has no audio adapter; {', '.join(given)} must be None "
+                             f"(load an InfiniteTalk adapter to use audio)")
+        rope = rope_table_3d(grid, self.config.head_dim, context.device)
+        return BlockContext(grid=grid, rope=rope, context=context, n_img=n_img)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, S, pt·ph·pw·C] (C fastest) -> [B, C, F·pt, H·ph, W·pw]."""
+        (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        u = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        return torch.einsum("bfhwpqrc->bcfphqwr", u).reshape(tokens.shape[0], -1, f * pt, h * ph, w * pw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                clip_fea: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                audio: Optional[torch.Tensor] = None, ref_target_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x [B, 16, T, H, W] noisy latent; t [B] (or [1]) timesteps in [0, 1000]; context [B, L, text_dim] text-encoder
+        output, L <= text_len (zero rows are appended up to text_len; see :func:`pad_context`);
+        clip_fea [B or 1, 257, 1280] CLIP tokens (I2V); y [B, in_dim - 16, T, H, W] mask + image latent (I2V);
+        audio [B, n_spk, 4(T-1)+1, window, 12, 768] wav2vec2 windows (InfiniteTalk only);
+        ref_target_masks [3, H, W] speaker / speaker / background masks (InfiniteTalk only).
+        Returns [B, out_dim, T, H, W] float32. Inputs must be on the model's device (the model moves nothing);
+        they are cast to the compute dtype.
+        """
+        tokens, grid = self.embed_video(x, y)
+        e, e0 = self.embed_time(t, tokens.shape[0])
+        context, n_img = self.embed_context(context, clip_fea)
+        if context.shape[0] != tokens.shape[0]:
+            raise ValueError(f"context batch {context.shape[0]} != latent batch {tokens.shape[0]}")
+        extras = {"audio": audio, "ref_target_masks": ref_target_masks}
+        ctx = self.block_context(grid, context, n_img, extras)
+        for block in self.blocks:
+            tokens = block(tokens, e0, ctx)
+        return self.unpatchify(self.head(tokens, e), grid).float()
