@@ -33,6 +33,7 @@ class AudioBlockContext(BlockContext):
     audio: Optional[torch.Tensor] = None
     n_speakers: int = 1
     masks: Optional[torch.Tensor] = None
+    audio_scale: float = 1.0
 
 
 class AudioProjModel(nn.Module):
@@ -102,7 +103,7 @@ class InfiniteTalkBlock(WanAttentionBlock):
     def after_cross_attn(self, x: torch.Tensor, extra: Any, ctx: AudioBlockContext) -> torch.Tensor:
         """x + audio cross-attention of norm_x(x); class RoPE from the speaker map when there are two speakers."""
         positions = speaker_positions(extra, self.audio_cfg) if ctx.n_speakers > 1 else None
-        return x + self.audio_cross_attn(self.norm_x(x), ctx.audio, ctx.grid, positions)
+        return x + ctx.audio_scale * self.audio_cross_attn(self.norm_x(x), ctx.audio, ctx.grid, positions)
 
 
 class InfiniteTalkModel(WanModel):
@@ -135,7 +136,7 @@ class InfiniteTalkModel(WanModel):
         return audio.expand(batch, *audio.shape[1:])
 
     def block_context(self, grid: tuple[int, int, int], context: torch.Tensor, n_img: int,
-                      extras: dict[str, Optional[torch.Tensor]]) -> AudioBlockContext:
+                      extras: dict[str, Any]) -> AudioBlockContext:
         """Shared block inputs plus the projected audio tokens [B·F, n_spk·tokens, C] and speaker masks."""
         base = super().block_context(grid, context, n_img, {})
         batch = context.shape[0]
@@ -148,8 +149,9 @@ class InfiniteTalkModel(WanModel):
         if masks is None and n_spk > 1:
             raise ValueError("two-speaker audio needs ref_target_masks [3, H, W] (speaker 1, speaker 2, background)")
         masks = None if masks is None else token_masks(masks, grid)
+        scale = 1.0 if extras["audio_scale"] is None else float(extras["audio_scale"])
         return AudioBlockContext(grid=grid, rope=base.rope, context=context, n_img=n_img, audio=tokens,
-                                 n_speakers=n_spk, masks=masks)
+                                 n_speakers=n_spk, masks=masks, audio_scale=scale)
 
 
 def load_infinitetalk(base_paths: Union[str, Path, Sequence[Union[str, Path]]],

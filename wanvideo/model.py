@@ -248,7 +248,7 @@ class WanModel(nn.Module):
         return torch.cat([img, text], dim=1), img.shape[1]
 
     def block_context(self, grid: tuple[int, int, int], context: torch.Tensor, n_img: int,
-                      extras: dict[str, Optional[torch.Tensor]]) -> BlockContext:
+                      extras: dict[str, Any]) -> BlockContext:
         """Build the shared block inputs; the plain Wan model takes no audio / speaker masks."""
         given = [k for k, v in extras.items() if v is not None]
         if given:
@@ -265,14 +265,16 @@ class WanModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                audio: Optional[torch.Tensor] = None, ref_target_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                audio: Optional[torch.Tensor] = None, ref_target_masks: Optional[torch.Tensor] = None,
+                audio_scale: Optional[float] = None) -> torch.Tensor:
         """Predict the flow velocity.
 
         x [B, 16, T, H, W] noisy latent; t [B] (or [1]) timesteps in [0, 1000]; context [B, L, text_dim] text-encoder
         output, L <= text_len (zero rows are appended up to text_len; see :func:`pad_context`);
         clip_fea [B or 1, 257, 1280] CLIP tokens (I2V); y [B, in_dim - 16, T, H, W] mask + image latent (I2V);
         audio [B, n_spk, 4(T-1)+1, window, 12, 768] wav2vec2 windows (InfiniteTalk only);
-        ref_target_masks [3, H, W] speaker / speaker / background masks (InfiniteTalk only).
+        ref_target_masks [3, H, W] speaker / speaker / background masks (InfiniteTalk only);
+        audio_scale: factor on every block's audio cross-attention output (InfiniteTalk only; None = 1 = official).
         Returns [B, out_dim, T, H, W] float32. Inputs must be on the model's device (the model moves nothing);
         they are cast to the compute dtype.
         """
@@ -281,7 +283,7 @@ class WanModel(nn.Module):
         context, n_img = self.embed_context(context, clip_fea)
         if context.shape[0] != tokens.shape[0]:
             raise ValueError(f"context batch {context.shape[0]} != latent batch {tokens.shape[0]}")
-        extras = {"audio": audio, "ref_target_masks": ref_target_masks}
+        extras = {"audio": audio, "ref_target_masks": ref_target_masks, "audio_scale": audio_scale}
         ctx = self.block_context(grid, context, n_img, extras)
         for block in self.blocks:
             tokens = block(tokens, e0, ctx)
