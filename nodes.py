@@ -6,13 +6,68 @@ result. No tensor math lives here apart from named socket-format conversions.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import folder_paths
+import torch
+
+from .attention import ATTENTION_MODES
+from .fp8_optimization import QUANT_MODES
+from .multitalk import pipeline
+from .multitalk.audio_input import AudioPrepOptions
+from .multitalk.embeds import EmbedOptions, embed_audio
+from .multitalk.frame_sink import MemorySink, PngSink
+from .multitalk.loop import InfiniteTalkLoop, LoopCallbacks, SamplerSettings
+from .multitalk.wav2vec import load_wav2vec
+from .wanvideo.clip_vision import CLIPLoadOptions, CLIPVisionTower, load_clip_vision
+from .wanvideo.schedulers import SCHEDULER_NAMES
+from .wanvideo.text_cache import EncoderIdentity, TextEmbedCache
+from .wanvideo.text_encoder import T5LoadOptions, encode_text_embeds, load_text_encoder
+from .wanvideo.vae import load_vae
+from .wanvideo.vae_tiling import TileSpec
 
 CATEGORY = "WanVideoWrapper"
+DEVICES = ["main_device", "offload_device"]
+WAV2VEC_REPOS = ["TencentGameMate/chinese-wav2vec2-base", "facebook/wav2vec2-base-960h"]
+
+if "wav2vec2" not in folder_paths.folder_names_and_paths:
+    folder_paths.add_model_folder_path("wav2vec2", os.path.join(folder_paths.models_dir, "wav2vec2"))
 
 
 def _tip(text: str, **config) -> dict:
     return {"tooltip": text, **config}
+
+
+def _model_management():
+    import comfy.model_management
+
+    return comfy.model_management
+
+
+def _device(choice: str = "main_device") -> torch.device:
+    mm = _model_management()
+    return mm.get_torch_device() if choice == "main_device" else mm.unet_offload_device()
+
+
+def _diffusion_model_files() -> list[str]:
+    return folder_paths.get_filename_list("unet_gguf") + folder_paths.get_filename_list("diffusion_models") \
+        if "unet_gguf" in folder_paths.folder_names_and_paths else folder_paths.get_filename_list("diffusion_models")
+
+
+def _diffusion_model_path(name: str) -> Path:
+    for folder in ("diffusion_models", "unet_gguf", "unet"):
+        if folder in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(folder, name)
+            if path:
+                return Path(path)
+    raise FileNotFoundError(f"model file {name!r} not found in models/diffusion_models")
+
+
+def _progress(total: int):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)
 
 
 class WanVideoBlockSwap:
@@ -210,7 +265,708 @@ class WanVideoLoraSelectMulti:
         return (loras or None,)
 
 
+class MultiTalkModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": (_diffusion_model_files(), _tip(
+            "InfiniteTalk (or MultiTalk) adapter file from models/diffusion_models."))}}
+
+    RETURN_TYPES = ("MULTITALKMODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Select the InfiniteTalk / MultiTalk audio adapter; WanVideo Model Loader merges it."
+
+    def loadmodel(self, model, base_precision=None):
+        path = _diffusion_model_path(model)
+        kind = "InfiniteTalk" if "infinite" in path.name.lower() else "MultiTalk"
+        return ({"model_path": str(path), "model_type": kind},)
+
+
+class WanVideoModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (_diffusion_model_files(), _tip("Wan2.1 I2V 14B transformer from models/diffusion_models.")),
+                "base_precision": (["fp32", "bf16", "fp16", "fp16_fast"], _tip(
+                    "Precision of the non-quantized weights and of the computation.", default="bf16")),
+                "quantization": (list(QUANT_MODES), _tip("Weight quantization of the transformer's linear layers.",
+                                                         default="disabled")),
+                "load_device": (DEVICES, _tip("Where the weights wait between runs.", default="offload_device")),
+            },
+            "optional": {
+                "attention_mode": (list(ATTENTION_MODES), _tip("Attention kernel; unavailable ones fall back to "
+                                                               "the fastest available and say so.", default="sdpa")),
+                "compile_args": ("WANCOMPILEARGS", _tip("torch.compile settings.")),
+                "block_swap_args": ("BLOCKSWAPARGS", _tip("Block swap settings.")),
+                "lora": ("WANVIDLORA", _tip("LoRAs to apply.", default=None)),
+                "vram_management_args": ("VRAM_MANAGEMENTARGS", _tip("Not used by InfiniteTalk.", default=None)),
+                "extra_model": ("VACEPATH", _tip("Not used by InfiniteTalk.", default=None)),
+                "fantasytalking_model": ("FANTASYTALKINGMODEL", _tip("Not used by InfiniteTalk.", default=None)),
+                "multitalk_model": ("MULTITALKMODEL", _tip("The InfiniteTalk adapter.", default=None)),
+                "fantasyportrait_model": ("FANTASYPORTRAITMODEL", _tip("Not used by InfiniteTalk.", default=None)),
+                "rms_norm_function": (["default", "pytorch"], _tip("RMSNorm implementation.", default="default")),
+            },
+        }
+
+    RETURN_TYPES = ("WANVIDEOMODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load the Wan2.1 transformer with the InfiniteTalk adapter merged in."
+
+    def loadmodel(self, model, base_precision, quantization, load_device, attention_mode="sdpa", compile_args=None,
+                  block_swap_args=None, lora=None, vram_management_args=None, extra_model=None,
+                  fantasytalking_model=None, multitalk_model=None, fantasyportrait_model=None,
+                  rms_norm_function="default", vace_model=None):
+        unsupported = {"lora": lora, "vram_management_args": vram_management_args,
+                       "extra_model": extra_model or vace_model, "fantasytalking_model": fantasytalking_model,
+                       "fantasyportrait_model": fantasyportrait_model}
+        connected = [name for name, value in unsupported.items() if value]
+        if connected:
+            raise ValueError(f"WanVideoModelLoader: {', '.join(connected)} not supported by this pack yet; "
+                             "disconnect them")
+        adapter = Path(multitalk_model["model_path"]) if multitalk_model else None
+        request = pipeline.ModelRequest(base_path=_diffusion_model_path(model), adapter_path=adapter,
+                                        base_precision=base_precision, quantization=quantization,
+                                        attention_mode=attention_mode)
+        transformer = pipeline.load_transformer(request, _device("main_device"))
+        model_type = multitalk_model["model_type"] if multitalk_model else "InfiniteTalk"
+        return (pipeline.TransformerHandle(transformer, request, model_type, block_swap_args, compile_args),)
+
+
+class WanVideoSetBlockSwap:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("WANVIDEOMODEL", _tip("The transformer."))},
+                "optional": {"block_swap_args": ("BLOCKSWAPARGS", _tip("Block swap settings to apply."))}}
+
+    RETURN_TYPES = ("WANVIDEOMODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Set or replace the block swap settings of a loaded transformer."
+
+    def loadmodel(self, model, block_swap_args=None):
+        return (model if block_swap_args is None else model.with_block_swap(block_swap_args),)
+
+
+class WanVideoVAELoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model_name": (folder_paths.get_filename_list("vae"), _tip("Wan2.1 VAE from models/vae."))},
+            "optional": {
+                "precision": (["fp16", "fp32", "bf16"], _tip("VAE precision.", default="bf16")),
+                "compile_args": ("WANCOMPILEARGS", _tip("torch.compile settings.")),
+                "use_cpu_cache": ("BOOLEAN", _tip("Keep the causal cache in host RAM.", default=False)),
+                "verbose": ("BOOLEAN", _tip("Log VAE memory use.", default=False)),
+            },
+        }
+
+    RETURN_TYPES = ("WANVAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load the Wan2.1 video VAE."
+
+    def loadmodel(self, model_name, precision="bf16", compile_args=None, use_cpu_cache=False, verbose=False):
+        return (load_vae(folder_paths.get_full_path_or_raise("vae", model_name), precision),)
+
+
+class LoadWanVideoT5TextEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (folder_paths.get_filename_list("text_encoders"), _tip(
+                    "umT5-XXL encoder from models/text_encoders.")),
+                "precision": (["fp32", "bf16"], _tip("Encoder precision.", default="bf16")),
+            },
+            "optional": {
+                "load_device": (DEVICES, _tip("Where the encoder waits between runs.", default="offload_device")),
+                "quantization": (["disabled", "fp8_e4m3fn"], _tip("Store the weights in fp8.", default="disabled")),
+            },
+        }
+
+    RETURN_TYPES = ("WANTEXTENCODER",)
+    RETURN_NAMES = ("wan_t5_model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load the umT5-XXL text encoder and its tokenizer."
+
+    def loadmodel(self, model_name, precision, load_device="offload_device", quantization="disabled"):
+        path = folder_paths.get_full_path_or_raise("text_encoders", model_name)
+        options = T5LoadOptions(precision=precision, quantization=quantization, device=str(_device(load_device)))
+        return ({"model": load_text_encoder(path, options), "dtype": precision, "name": model_name,
+                 "path": path},)
+
+
+def _text_cache() -> TextEmbedCache:
+    return TextEmbedCache(Path(folder_paths.get_user_directory()) / "infinitetalk_text_embeds")
+
+
+def _encode_prompts(positive: str, negative: str, encoder, path: str, use_disk_cache: bool, variant: str) -> dict:
+    cache = _text_cache() if use_disk_cache else None
+    identity = EncoderIdentity.from_file(path, variant) if use_disk_cache else None
+    embeds = encode_text_embeds(positive, negative, encoder, cache, identity)
+    return {"prompt_embeds": [e.float().cpu() for e in embeds.prompt_embeds],
+            "negative_prompt_embeds": [e.float().cpu() for e in embeds.negative_prompt_embeds], "echoshot": False}
+
+
+class WanVideoTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive_prompt": ("STRING", _tip("Prompt; '|' separates per-window prompts, (text:1.2) weights.",
+                                                   default="", multiline=True)),
+                "negative_prompt": ("STRING", _tip("Negative prompt.", default="", multiline=True)),
+            },
+            "optional": {
+                "t5": ("WANTEXTENCODER", _tip("Text encoder (not needed for cached prompts).")),
+                "force_offload": ("BOOLEAN", _tip("Move the encoder back to the offload device after use.",
+                                                  default=True)),
+                "model_to_offload": ("WANVIDEOMODEL", _tip("Unused; kept for workflow compatibility.")),
+                "use_disk_cache": ("BOOLEAN", _tip("Reuse embeddings saved on disk for the same prompt and encoder.",
+                                                   default=False)),
+                "device": (["gpu", "cpu"], _tip("Where the encoder runs.", default="gpu")),
+            },
+        }
+
+    RETURN_TYPES = ("WANVIDEOTEXTEMBEDS",)
+    RETURN_NAMES = ("text_embeds",)
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encode the prompts with umT5."
+
+    def process(self, positive_prompt, negative_prompt, t5=None, force_offload=True, model_to_offload=None,
+                use_disk_cache=False, device="gpu"):
+        if t5 is None and not use_disk_cache:
+            raise ValueError("WanVideoTextEncode: connect a T5 text encoder or enable use_disk_cache")
+        encoder = t5["model"] if t5 else None
+        return (_encode_prompts(positive_prompt, negative_prompt, encoder, t5["path"] if t5 else "",
+                                use_disk_cache and t5 is not None, t5["dtype"] if t5 else ""),)
+
+
+class WanVideoTextEncodeCached:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (folder_paths.get_filename_list("text_encoders"), _tip(
+                    "umT5-XXL encoder from models/text_encoders; loaded only for prompts not in the cache.")),
+                "precision": (["fp32", "bf16"], _tip("Encoder precision.", default="bf16")),
+                "positive_prompt": ("STRING", _tip("Prompt; '|' separates per-window prompts, (text:1.2) weights.",
+                                                   default="", multiline=True)),
+                "negative_prompt": ("STRING", _tip("Negative prompt.", default="", multiline=True)),
+                "quantization": (["disabled", "fp8_e4m3fn"], _tip("Store the weights in fp8.", default="disabled")),
+                "use_disk_cache": ("BOOLEAN", _tip("Reuse embeddings saved on disk.", default=True)),
+                "device": (["gpu", "cpu"], _tip("Where the encoder runs.", default="gpu")),
+            },
+            "optional": {"extender_args": ("WANVIDEOPROMPTEXTENDER_ARGS", _tip("Prompt extender (not supported)."))},
+        }
+
+    RETURN_TYPES = ("WANVIDEOTEXTEMBEDS", "WANVIDEOTEXTEMBEDS", "STRING")
+    RETURN_NAMES = ("text_embeds", "negative_text_embeds", "positive_prompt")
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encode the prompts, loading umT5 only when the embeddings are not cached, then free it."
+
+    def process(self, model_name, precision, positive_prompt, negative_prompt, quantization, use_disk_cache, device,
+                extender_args=None):
+        if extender_args is not None:
+            raise ValueError("WanVideoTextEncodeCached: the prompt extender is not supported; disconnect it")
+        path = folder_paths.get_full_path_or_raise("text_encoders", model_name)
+        run_device = _device("main_device") if device == "gpu" else torch.device("cpu")
+        options = T5LoadOptions(precision=precision, quantization=quantization, device=str(run_device))
+
+        def encode(prompts):
+            return load_text_encoder(path, options)(prompts)
+
+        embeds = _encode_prompts(positive_prompt, negative_prompt, encode, path, use_disk_cache,
+                                 f"{precision}-{quantization}")
+        return (embeds, {"prompt_embeds": embeds["negative_prompt_embeds"]}, positive_prompt)
+
+
+class WanVideoTextEmbedBridge:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"positive": ("CONDITIONING", _tip("umT5 conditioning from CLIPTextEncode (type wan)."))},
+                "optional": {"negative": ("CONDITIONING", _tip("Negative conditioning."))}}
+
+    RETURN_TYPES = ("WANVIDEOTEXTEMBEDS",)
+    RETURN_NAMES = ("text_embeds",)
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Use ComfyUI's own umT5 text encoding (CLIPLoader type wan + CLIPTextEncode) with these nodes."
+
+    def process(self, positive, negative=None):
+        def first(cond):
+            return [cond[0][0][0].float().cpu()]
+
+        negative_embeds = first(negative) if negative else [torch.zeros_like(first(positive)[0][:1])]
+        return ({"prompt_embeds": first(positive), "negative_prompt_embeds": negative_embeds, "echoshot": False},)
+
+
+class LoadWanVideoClipTextEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (folder_paths.get_filename_list("clip_vision")
+                               + folder_paths.get_filename_list("text_encoders"), _tip(
+                                   "Wan CLIP vision model (open-clip XLM-R ViT-H/14 or clip_vision_h).")),
+                "precision": (["fp16", "fp32", "bf16"], _tip("CLIP precision.", default="fp16")),
+            },
+            "optional": {"load_device": (DEVICES, _tip("Where the model waits.", default="offload_device"))},
+        }
+
+    RETURN_TYPES = ("CLIP_VISION",)
+    RETURN_NAMES = ("wan_clip_vision",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load the Wan CLIP vision encoder from models/clip_vision."
+
+    def loadmodel(self, model_name, precision, load_device="offload_device"):
+        path = folder_paths.get_full_path("clip_vision", model_name) or \
+            folder_paths.get_full_path_or_raise("text_encoders", model_name)
+        return (load_clip_vision(path, CLIPLoadOptions(precision=precision, device=str(_device(load_device)))),)
+
+
+def _clip_tokens(clip_vision, image: torch.Tensor, crop: str) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in [0, 1] -> CLIP tokens [B, 257, 1280] float32 (this pack's tower or ComfyUI's model)."""
+    if isinstance(clip_vision, CLIPVisionTower):
+        pixels = image[..., :3].permute(0, 3, 1, 2)
+        if crop == "center":
+            side = min(pixels.shape[-2:])
+            top, left = (pixels.shape[-2] - side) // 2, (pixels.shape[-1] - side) // 2
+            pixels = pixels[..., top:top + side, left:left + side]
+        device = next(clip_vision.parameters()).device
+        return clip_vision.encode(pixels.to(device) * 2 - 1).float().cpu()
+    if hasattr(clip_vision, "encode_image"):
+        return clip_vision.encode_image(image, crop=crop == "center").penultimate_hidden_states.float().cpu()
+    raise TypeError("WanVideoClipVisionEncode: clip_vision must come from a CLIP vision loader")
+
+
+class WanVideoClipVisionEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_vision": ("CLIP_VISION", _tip("CLIP vision model (ComfyUI's or this pack's loader).")),
+                "image_1": ("IMAGE", _tip("Reference image.")),
+                "strength_1": ("FLOAT", _tip("Weight of image 1.", default=1.0, min=0.0, max=10.0, step=0.001)),
+                "strength_2": ("FLOAT", _tip("Weight of image 2.", default=1.0, min=0.0, max=10.0, step=0.001)),
+                "crop": (["center", "disabled"], _tip("Centre-crop to a square before resizing.", default="center")),
+                "combine_embeds": (["average", "sum", "concat", "batch"], _tip("How two images are combined.",
+                                                                                default="average")),
+                "force_offload": ("BOOLEAN", _tip("Offload the model after encoding.", default=True)),
+            },
+            "optional": {
+                "image_2": ("IMAGE", _tip("Second image.")),
+                "negative_image": ("IMAGE", _tip("Negative image.")),
+                "tiles": ("INT", _tip("Tiled encoding (not supported; keep 0).", default=0, min=0, max=16, step=2)),
+                "ratio": ("FLOAT", _tip("Tile blend ratio.", default=0.5, min=0.0, max=1.0, step=0.01)),
+            },
+        }
+
+    RETURN_TYPES = ("WANVIDIMAGE_CLIPEMBEDS",)
+    RETURN_NAMES = ("image_embeds",)
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "CLIP vision tokens of the reference image for the I2V cross-attention."
+
+    def process(self, clip_vision, image_1, strength_1, strength_2, crop, combine_embeds, force_offload,
+                image_2=None, negative_image=None, tiles=0, ratio=1.0):
+        if tiles:
+            raise ValueError("WanVideoClipVisionEncode: tiled CLIP encoding is not supported; set tiles to 0")
+        tokens = [_clip_tokens(clip_vision, image_1, crop) * strength_1]
+        if image_2 is not None:
+            tokens.append(_clip_tokens(clip_vision, image_2, crop) * strength_2)
+        stacked = torch.cat(tokens)
+        combined = {"average": lambda t: t.mean(0, keepdim=True), "sum": lambda t: t.sum(0, keepdim=True),
+                    "concat": lambda t: t.reshape(1, -1, t.shape[-1]), "batch": lambda t: t}[combine_embeds](stacked)
+        negative = None if negative_image is None else _clip_tokens(clip_vision, negative_image, crop)
+        return ({"clip_embeds": combined, "negative_clip_embeds": negative},)
+
+
+def _tiling(enabled: bool, tile_x: int, tile_y: int, stride_x: int, stride_y: int):
+    return TileSpec(tile_x, tile_y, stride_x, stride_y) if enabled else None
+
+
+class WanVideoDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("WANVAE", _tip("Wan2.1 VAE.")),
+                "samples": ("LATENT", _tip("Latents, or the InfiniteTalk sampler's finished video.")),
+                "enable_vae_tiling": ("BOOLEAN", _tip("Decode in overlapping tiles (less VRAM).", default=False)),
+                "tile_x": ("INT", _tip("Tile width in pixels.", default=272, min=40, max=2048, step=8)),
+                "tile_y": ("INT", _tip("Tile height in pixels.", default=272, min=40, max=2048, step=8)),
+                "tile_stride_x": ("INT", _tip("Horizontal tile stride.", default=144, min=32, max=2040, step=8)),
+                "tile_stride_y": ("INT", _tip("Vertical tile stride.", default=128, min=32, max=2040, step=8)),
+            },
+            "optional": {"normalization": (["default", "minmax", "none"], _tip(
+                "Output mapping: clamp, min-max rescale, or raw.", default="default", advanced=True))},
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Decode latents to frames (InfiniteTalk output is already decoded and passes through)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_x, tile_y, tile_stride_x, tile_stride_y):
+        if tile_x <= tile_stride_x or tile_y <= tile_stride_y:
+            return "tile_x and tile_y must be larger than tile_stride_x and tile_stride_y"
+        return True
+
+    def decode(self, vae, samples, enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y,
+               normalization="default"):
+        if "video" in samples:
+            return ((samples["video"].clamp(-1, 1) + 1) / 2,)
+        latents = samples["samples"].to(vae.device)
+        video = vae.decode(latents, _tiling(enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y),
+                           clamp=normalization == "default")[0]
+        if normalization == "minmax":
+            video = (video - video.min()) / (video.max() - video.min()).clamp_min(1e-8) * 2 - 1
+        return (((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu(),)
+
+
+class WanVideoEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("WANVAE", _tip("Wan2.1 VAE.")),
+                "image": ("IMAGE", _tip("Frames to encode (1 + 4k frames; sizes divisible by 16).")),
+                "enable_vae_tiling": ("BOOLEAN", _tip("Encode in overlapping tiles (less VRAM).", default=False)),
+                "tile_x": ("INT", _tip("Tile width in pixels.", default=272, min=64, max=2048, step=1)),
+                "tile_y": ("INT", _tip("Tile height in pixels.", default=272, min=64, max=2048, step=1)),
+                "tile_stride_x": ("INT", _tip("Horizontal tile stride.", default=144, min=32, max=2048, step=32)),
+                "tile_stride_y": ("INT", _tip("Vertical tile stride.", default=128, min=32, max=2048, step=32)),
+            },
+            "optional": {
+                "noise_aug_strength": ("FLOAT", _tip("Noise added before encoding.", default=0.0, min=0.0, max=10.0,
+                                                     step=0.001)),
+                "latent_strength": ("FLOAT", _tip("Scale of the latents.", default=1.0, min=0.0, max=10.0,
+                                                  step=0.001)),
+                "mask": ("MASK", _tip("Mask stored with the latents.")),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encode frames to Wan2.1 latents."
+
+    def encode(self, vae, image, enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y,
+               noise_aug_strength=0.0, latent_strength=1.0, mask=None):
+        video = image[..., :3].permute(3, 0, 1, 2)[None].to(vae.device) * 2 - 1
+        if noise_aug_strength > 0:
+            video = video + noise_aug_strength * torch.randn_like(video)
+        latents = vae.encode(video, _tiling(enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y))
+        return ({"samples": (latents * latent_strength).cpu(), "noise_mask": mask},)
+
+
+def _wav2vec_result(path: Path, base_precision: str, load_device: str, model_type: str) -> dict:
+    encoder = load_wav2vec(path, base_precision, model_type=model_type)
+    return {"feature_extractor": None, "model": encoder, "dtype": encoder.dtype, "model_type": model_type,
+            "device": _device(load_device)}
+
+
+class DownloadAndLoadWav2VecModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (WAV2VEC_REPOS, _tip("Hugging Face repository, looked up in models/transformers/<repo>.")),
+                "base_precision": (["fp32", "bf16", "fp16"], _tip("Model precision.", default="fp16")),
+                "load_device": (DEVICES, _tip("Where the model runs.", default="main_device")),
+            },
+        }
+
+    RETURN_TYPES = ("WAV2VECMODEL",)
+    RETURN_NAMES = ("wav2vec_model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load a wav2vec2 model from models/transformers/<repository> (place the files there)."
+
+    def loadmodel(self, model, base_precision, load_device):
+        folders = [Path(p) / model for p in folder_paths.get_folder_paths("transformers")] \
+            if "transformers" in folder_paths.folder_names_and_paths else []
+        folders.append(Path(folder_paths.models_dir) / "transformers" / model)
+        found = next((f for f in folders if f.is_dir()), None)
+        if found is None:
+            raise FileNotFoundError(f"(Down)load Wav2Vec Model: {model} is not in {folders[-1]}; this pack does not "
+                                    f"download: put the repository's config.json and model.safetensors there, or use "
+                                    f"Wav2vec2 Model Loader with a single file in models/wav2vec2")
+        return (_wav2vec_result(found, base_precision, load_device, model),)
+
+
+class Wav2VecModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (folder_paths.get_filename_list("wav2vec2"), _tip("wav2vec2 file from models/wav2vec2.")),
+                "base_precision": (["fp32", "bf16", "fp16"], _tip("Model precision.", default="fp16")),
+                "load_device": (DEVICES, _tip("Where the model runs.", default="main_device")),
+            },
+        }
+
+    RETURN_TYPES = ("WAV2VECMODEL",)
+    RETURN_NAMES = ("wav2vec_model",)
+    FUNCTION = "loadmodel"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load chinese-wav2vec2-base from a single safetensors file in models/wav2vec2."
+
+    def loadmodel(self, model, base_precision, load_device):
+        path = Path(folder_paths.get_full_path_or_raise("wav2vec2", model))
+        return (_wav2vec_result(path, base_precision, load_device, "tencent"),)
+
+
+class MultiTalkWav2VecEmbeds:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "wav2vec_model": ("WAV2VECMODEL", _tip("chinese-wav2vec2-base.")),
+                "audio_1": ("AUDIO", _tip("Speech of speaker 1.")),
+                "normalize_loudness": ("BOOLEAN", _tip("Normalise to -23 LUFS.", default=True)),
+                "num_frames": ("INT", _tip("Maximum video frames; shorter audio gives fewer.", default=81, min=1,
+                                           max=10000, step=1)),
+                "fps": ("FLOAT", _tip("Video frame rate.", default=25.0, min=1.0, max=60.0, step=0.1)),
+                "audio_scale": ("FLOAT", _tip("Strength of the audio conditioning.", default=1.0, min=0.0,
+                                              max=100.0, step=0.01)),
+                "audio_cfg_scale": ("FLOAT", _tip("Audio guidance; not 1 adds a pass without audio.", default=1.0,
+                                                  min=0.0, max=100.0, step=0.01)),
+                "multi_audio_type": (["para", "add"], _tip("Speakers talk at once (para) or in turn (add).",
+                                                           default="para")),
+            },
+            "optional": {
+                "audio_2": ("AUDIO", _tip("Speech of speaker 2.")),
+                "audio_3": ("AUDIO", _tip("Speech of speaker 3.")),
+                "audio_4": ("AUDIO", _tip("Speech of speaker 4.")),
+                "ref_target_masks": ("MASK", _tip("Per-speaker masks (speaker 1, speaker 2, optional background).")),
+                "add_noise_floor": ("BOOLEAN", _tip("Add -45 dB noise so silence gives stable features.",
+                                                    default=False)),
+                "smooth_transients": ("BOOLEAN", _tip("3 kHz low-pass against clicks.", default=False)),
+            },
+        }
+
+    RETURN_TYPES = ("MULTITALK_EMBEDS", "AUDIO", "INT")
+    RETURN_NAMES = ("multitalk_embeds", "audio", "num_frames")
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "wav2vec2 features per video frame for each speaker."
+
+    def process(self, wav2vec_model, audio_1, normalize_loudness, num_frames, fps, audio_scale, audio_cfg_scale,
+                multi_audio_type, audio_2=None, audio_3=None, audio_4=None, ref_target_masks=None,
+                add_noise_floor=False, smooth_transients=False):
+        prep = AudioPrepOptions(num_frames=num_frames, fps=fps, normalize_loudness=normalize_loudness,
+                                add_noise_floor=add_noise_floor, smooth_transients=smooth_transients)
+        options = EmbedOptions(prep=prep, audio_scale=audio_scale, audio_cfg_scale=audio_cfg_scale,
+                               multi_audio_type=multi_audio_type)
+        encoder = wav2vec_model["model"]
+        result = embed_audio(encoder, [audio_1, audio_2, audio_3, audio_4], options, ref_target_masks)
+        return (result.embeds.to_dict(), result.audio, result.num_frames)
+
+
+class WanVideoImageToVideoMultiTalk:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("WANVAE", _tip("Wan2.1 VAE.")),
+                "width": ("INT", _tip("Video width (divisible by 16).", default=832, min=64, max=2048, step=8)),
+                "height": ("INT", _tip("Video height (divisible by 16).", default=480, min=64, max=29048, step=8)),
+                "frame_window_size": ("INT", _tip("Frames per window (rounded down to 4k+1).", default=81, min=1,
+                                                  max=10000, step=4)),
+                "motion_frame": ("INT", _tip("Frames each window overlaps the previous one.", default=25, min=1,
+                                             max=10000, step=1)),
+                "force_offload": ("BOOLEAN", _tip("Offload the transformer before VAE work in each window.",
+                                                  default=False)),
+                "colormatch": (list(pipeline.COLORMATCH_MODES), _tip("Colour matching between windows.",
+                                                                     default="disabled")),
+            },
+            "optional": {
+                "start_image": ("IMAGE", _tip("Reference image (several: one per window).")),
+                "tiled_vae": ("BOOLEAN", _tip("Tiled VAE encode/decode.", default=False)),
+                "clip_embeds": ("WANVIDIMAGE_CLIPEMBEDS", _tip("CLIP tokens of the reference image.")),
+                "mode": (list(pipeline.LOOP_MODES), _tip("Loop variant; auto follows the loaded adapter.",
+                                                         default="auto")),
+                "output_path": ("STRING", _tip("If set, frames are written there as PNG instead of kept in RAM.",
+                                               default="")),
+            },
+        }
+
+    RETURN_TYPES = ("WANVIDIMAGE_EMBEDS", "STRING")
+    RETURN_NAMES = ("image_embeds", "output_path")
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Set up windowed long-video InfiniteTalk sampling; windows overlap by motion_frame frames."
+
+    def process(self, vae, width, height, frame_window_size, motion_frame, force_offload, colormatch,
+                start_image=None, tiled_vae=False, clip_embeds=None, mode="multitalk", output_path=""):
+        if mode == "multitalk":
+            raise ValueError("WanVideo Long I2V Multi/InfiniteTalk: the MultiTalk loop variant is not available in "
+                             "this version yet; use mode infinitetalk (or auto with an InfiniteTalk model)")
+        clip = clip_embeds["clip_embeds"] if clip_embeds else None
+        embeds = pipeline.image_to_video_embeds(width, height, frame_window_size, motion_frame, start_image,
+                                                clip_context=clip, colormatch=colormatch, mode=mode,
+                                                output_path=output_path, force_offload=force_offload,
+                                                tiled_vae=tiled_vae)
+        return (embeds.to_dict(vae), output_path)
+
+
+SAMPLER_UNSUPPORTED = ("samples", "feta_args", "context_options", "cache_args", "flowedit_args", "slg_args",
+                       "loop_args", "experimental_args", "sigmas", "unianimate_poses", "fantasytalking_embeds",
+                       "uni3c_embeds", "freeinit_args", "teacache_args")
+
+
+class WanVideoSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        socket = {name: (kind, _tip("Not used by InfiniteTalk in this version.")) for name, kind in (
+            ("feta_args", "FETAARGS"), ("context_options", "WANVIDCONTEXT"), ("cache_args", "CACHEARGS"),
+            ("flowedit_args", "FLOWEDITARGS"))}
+        return {
+            "required": {
+                "model": ("WANVIDEOMODEL", _tip("The transformer.")),
+                "image_embeds": ("WANVIDIMAGE_EMBEDS", _tip("From WanVideo Long I2V Multi/InfiniteTalk.")),
+                "steps": ("INT", _tip("Sampling steps per window.", default=30, min=1)),
+                "cfg": ("FLOAT", _tip("Text guidance scale (1 = off, one pass fewer).", default=6.0, min=0.0,
+                                      max=30.0, step=0.01)),
+                "shift": ("FLOAT", _tip("Flow-matching timestep shift.", default=5.0, min=0.0, max=1000.0,
+                                        step=0.01)),
+                "seed": ("INT", _tip("Noise seed.", default=0, min=0, max=0xffffffffffffffff)),
+                "force_offload": ("BOOLEAN", _tip("Move the transformer off the GPU when done.", default=True)),
+                "scheduler": (list(SCHEDULER_NAMES), _tip("Sampler / timestep schedule.", default="unipc")),
+                "riflex_freq_index": ("INT", _tip("RIFLEx frequency index (0 = off).", default=0, min=0, max=1000,
+                                                  step=1)),
+            },
+            "optional": {
+                "text_embeds": ("WANVIDEOTEXTEMBEDS", _tip("Prompt embeddings.")),
+                "samples": ("LATENT", _tip("Source latents for video-to-video (not supported yet).")),
+                "denoise_strength": ("FLOAT", _tip("Share of the schedule to run.", default=1.0, min=0.0, max=1.0,
+                                                   step=0.01)),
+                **socket,
+                "batched_cfg": ("BOOLEAN", _tip("Run the guidance passes as one batch.", default=False)),
+                "slg_args": ("SLGARGS", _tip("Not used by InfiniteTalk in this version.")),
+                "rope_function": (["default", "comfy", "comfy_chunked"], _tip(
+                    "RoPE implementation (all compute the same result here).", default="comfy")),
+                "loop_args": ("LOOPARGS", _tip("Not used by InfiniteTalk in this version.")),
+                "experimental_args": ("EXPERIMENTALARGS", _tip("Not used by InfiniteTalk in this version.")),
+                "sigmas": ("SIGMAS", _tip("Custom sigmas (not supported with InfiniteTalk yet).")),
+                "unianimate_poses": ("UNIANIMATE_POSE", _tip("Not used by InfiniteTalk.")),
+                "fantasytalking_embeds": ("FANTASYTALKING_EMBEDS", _tip("Not used by InfiniteTalk.")),
+                "uni3c_embeds": ("UNI3C_EMBEDS", _tip("Not used by InfiniteTalk.")),
+                "multitalk_embeds": ("MULTITALK_EMBEDS", _tip("Audio features from the wav2vec2 embeds node.")),
+                "freeinit_args": ("FREEINITARGS", _tip("Not used by InfiniteTalk.")),
+                "start_step": ("INT", _tip("First step to run.", default=0, min=0, max=10000, step=1)),
+                "end_step": ("INT", _tip("Step to stop at (-1 = end).", default=-1, min=-1, max=10000, step=1)),
+                "add_noise_to_samples": ("BOOLEAN", _tip("Noise source latents to the first step (v2v).",
+                                                         default=False)),
+                "force_contiguous_tensors": ("BOOLEAN", _tip("Kept for workflow compatibility: operands are always "
+                                                             "contiguous here.", default=False)),
+                "use_tf32": ("BOOLEAN", _tip("Allow TF32 matmuls for fp32 work.", default=False)),
+                "use_cublas_gemm": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
+                "fuse_qkv_projections": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("samples", "denoised_samples")
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Sample the InfiniteTalk long video window by window; returns the decoded frames."
+
+    def process(self, model, image_embeds, steps, cfg, shift, seed, force_offload, scheduler, riflex_freq_index,
+                text_embeds=None, multitalk_embeds=None, denoise_strength=1.0, batched_cfg=False, start_step=0,
+                end_step=-1, **options):
+        connected = [name for name in SAMPLER_UNSUPPORTED if options.get(name) is not None]
+        if connected or riflex_freq_index:
+            raise ValueError(f"WanVideoSampler: {', '.join(connected) or 'riflex_freq_index'} not supported with "
+                             "InfiniteTalk in this version; disconnect it / set it to 0")
+        if not image_embeds.get("multitalk_sampling") or multitalk_embeds is None or text_embeds is None:
+            raise ValueError("WanVideoSampler: this pack samples InfiniteTalk videos: connect image_embeds from "
+                             "WanVideo Long I2V Multi/InfiniteTalk, multitalk_embeds and text_embeds")
+        inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds)
+        settings = SamplerSettings(scheduler=scheduler, steps=steps, shift=shift, seed=seed, start_step=start_step,
+                                   end_step=end_step, cfg=pipeline.scale_list(cfg, steps),
+                                   audio_cfg=float(multitalk_embeds.get("audio_cfg_scale", 1.0)),
+                                   batched_cfg=batched_cfg)
+        return _run_loop(model, image_embeds, inputs, settings, force_offload)
+
+
+def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, force_offload: bool):
+    mm = _model_management()
+    device = mm.get_torch_device()
+    transformer, vae = handle.model.to(device), image_embeds["vae"].to(device)
+    output_path = image_embeds.get("output_path") or ""
+    sink = PngSink(Path(output_path)) if output_path else MemorySink()
+    bar = _progress(1)
+
+    def on_step(window, step, steps, windows):
+        bar.update_absolute(window * steps + step + 1, windows * steps)
+
+    callbacks = LoopCallbacks(on_step=on_step, interrupted=mm.processing_interrupted)
+    try:
+        InfiniteTalkLoop(transformer, vae, settings, device).run(inputs, sink, callbacks)
+    finally:
+        if force_offload:
+            handle.model.to(mm.unet_offload_device())
+            mm.soft_empty_cache()
+    frames = sink.result()
+    video = torch.zeros(1, 64, 64, 3) if frames is None else frames * 2 - 1
+    result = {"video": video, "output_path": output_path}
+    return (result, result)
+
+
+class WanVideoPassImagesFromSamples:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT", _tip("The InfiniteTalk sampler's output."))}}
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "output_path")
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The frames the InfiniteTalk sampler already decoded, as an IMAGE batch."
+
+    def decode(self, samples):
+        if "video" not in samples:
+            raise ValueError("WanVideo Pass Images From Samples: these samples hold no decoded video; connect the "
+                             "InfiniteTalk sampler's output, or use WanVideo Decode for latents")
+        return ((samples["video"].clamp(-1, 1) + 1) / 2, samples.get("output_path", ""))
+
+
+
 NODE_CLASS_MAPPINGS = {
+    "WanVideoModelLoader": WanVideoModelLoader,
+    "MultiTalkModelLoader": MultiTalkModelLoader,
+    "WanVideoSetBlockSwap": WanVideoSetBlockSwap,
+    "WanVideoVAELoader": WanVideoVAELoader,
+    "LoadWanVideoT5TextEncoder": LoadWanVideoT5TextEncoder,
+    "WanVideoTextEncode": WanVideoTextEncode,
+    "WanVideoTextEncodeCached": WanVideoTextEncodeCached,
+    "WanVideoTextEmbedBridge": WanVideoTextEmbedBridge,
+    "LoadWanVideoClipTextEncoder": LoadWanVideoClipTextEncoder,
+    "WanVideoClipVisionEncode": WanVideoClipVisionEncode,
+    "WanVideoDecode": WanVideoDecode,
+    "WanVideoEncode": WanVideoEncode,
+    "DownloadAndLoadWav2VecModel": DownloadAndLoadWav2VecModel,
+    "Wav2VecModelLoader": Wav2VecModelLoader,
+    "MultiTalkWav2VecEmbeds": MultiTalkWav2VecEmbeds,
+    "WanVideoImageToVideoMultiTalk": WanVideoImageToVideoMultiTalk,
+    "WanVideoSampler": WanVideoSampler,
+    "WanVideoPassImagesFromSamples": WanVideoPassImagesFromSamples,
     "WanVideoBlockSwap": WanVideoBlockSwap,
     "WanVideoEnhancedBlockSwap": WanVideoEnhancedBlockSwap,
     "WanVideoTorchCompileSettings": WanVideoTorchCompileSettings,
@@ -219,6 +975,24 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanVideoModelLoader": "WanVideo Model Loader",
+    "MultiTalkModelLoader": "Multi/InfiniteTalk Model Loader",
+    "WanVideoSetBlockSwap": "WanVideo Set BlockSwap",
+    "WanVideoVAELoader": "WanVideo VAE Loader",
+    "LoadWanVideoT5TextEncoder": "WanVideo T5 Text Encoder Loader",
+    "WanVideoTextEncode": "WanVideo TextEncode",
+    "WanVideoTextEncodeCached": "WanVideo TextEncode Cached",
+    "WanVideoTextEmbedBridge": "WanVideo TextEmbed Bridge",
+    "LoadWanVideoClipTextEncoder": "WanVideo CLIP Vision Loader",
+    "WanVideoClipVisionEncode": "WanVideo ClipVision Encode",
+    "WanVideoDecode": "WanVideo Decode",
+    "WanVideoEncode": "WanVideo Encode",
+    "DownloadAndLoadWav2VecModel": "(Down)load Wav2Vec Model",
+    "Wav2VecModelLoader": "Wav2vec2 Model Loader",
+    "MultiTalkWav2VecEmbeds": "Multi/InfiniteTalk Wav2vec2 Embeds",
+    "WanVideoImageToVideoMultiTalk": "WanVideo Long I2V Multi/InfiniteTalk",
+    "WanVideoSampler": "WanVideo Sampler",
+    "WanVideoPassImagesFromSamples": "WanVideo Pass Images From Samples",
     "WanVideoBlockSwap": "WanVideo Block Swap",
     "WanVideoEnhancedBlockSwap": "WanVideo Enhanced BlockSwap",
     "WanVideoTorchCompileSettings": "WanVideo Torch Compile Settings",

@@ -250,6 +250,15 @@ CONTRACT = {
         ("optional", "use_cublas_gemm", "BOOLEAN", BOOL_F),
         ("optional", "fuse_qkv_projections", "BOOLEAN", BOOL_F),
     ], ["LATENT", "LATENT"], ["samples", "denoised_samples"]),
+    "LoadWanVideoClipTextEncoder": ("WanVideo CLIP Vision Loader", "WanVideoWrapper", [
+        ("required", "model_name", MODEL_FILES, {}),
+        ("required", "precision", ["fp16", "fp32", "bf16"], {"default": "fp16"}),
+        ("optional", "load_device", DEVICES, {"default": "offload_device"}),
+    ], ["CLIP_VISION"], ["wan_clip_vision"]),
+    "WanVideoTextEmbedBridge": ("WanVideo TextEmbed Bridge", "WanVideoWrapper", [
+        ("required", "positive", "CONDITIONING", {}),
+        ("optional", "negative", "CONDITIONING", {}),
+    ], ["WANVIDEOTEXTEMBEDS"], ["text_embeds"]),
     "WanVideoPassImagesFromSamples": ("WanVideo Pass Images From Samples", "WanVideoWrapper", [
         ("required", "samples", "LATENT", {}),
     ], ["IMAGE", "STRING"], ["images", "output_path"]),
