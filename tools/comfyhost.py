@@ -58,6 +58,7 @@ class ComfyServer:
     pack_dir: Path = REPO_ROOT
     pack_name: str = "ComfyUI-InfiniteTalk"
     port: int = field(default_factory=free_port)
+    models_root: Path | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -66,7 +67,7 @@ class ComfyServer:
 
     @property
     def models_dir(self) -> Path:
-        return self.workdir / "models"
+        return self.models_root or self.workdir / "models"
 
     @property
     def output_dir(self) -> Path:

@@ -1,0 +1,143 @@
+"""The bundled UI workflows (``workflows/*.json``), generated from one definition per graph.
+
+``python tools/bundled_workflows.py`` starts a ComfyUI host with this pack (for ``/object_info``) and rewrites the files.
+Each workflow exists for the real models and as a ``*_tiny_demo`` twin that points at the tiny random-weight models of
+``tools/make_tiny_models.py`` (same graph, small sizes, few steps) so it runs on a CPU in about a minute.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workflow_graph import Graph  # noqa: E402
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+            "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+            "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+            "picture, messy background, three legs, many people in the background, walking backwards")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Model files and sizes of one flavour of a workflow."""
+
+    suffix: str
+    transformer: str
+    adapter: str
+    vae: str
+    text_encoder: str
+    clip_vision: str
+    wav2vec: str
+    precision: str
+    width: int
+    height: int
+    window: int
+    motion: int
+    steps: int
+    max_frames: int
+    note: str
+
+
+REAL = Profile(
+    suffix="", transformer="wan2.1-i2v-14b-480p_fp8_e4m3fn.safetensors",
+    adapter="Wan2_1-InfiniteTalk_Single_fp16.safetensors", vae="Wan2_1_VAE_bf16.safetensors",
+    text_encoder="umt5-xxl-enc-bf16.safetensors", clip_vision="clip_vision_h.safetensors",
+    wav2vec="wav2vec2-chinese-base_fp16.safetensors", precision="bf16", width=832, height=480, window=81, motion=9,
+    steps=40, max_frames=1000,
+    note=("## InfiniteTalk image-to-video\n\nModel files (folder under `ComfyUI/models/`):\n\n"
+          "| file | folder |\n|---|---|\n"
+          "| Wan2.1 I2V 14B 480p (bf16, fp16 or fp8 safetensors) | `diffusion_models/` |\n"
+          "| InfiniteTalk single-speaker adapter | `diffusion_models/` |\n"
+          "| `Wan2_1_VAE_bf16.safetensors` | `vae/` |\n| `umt5-xxl-enc-bf16.safetensors` | `text_encoders/` |\n"
+          "| `clip_vision_h.safetensors` | `clip_vision/` |\n"
+          "| `wav2vec2-chinese-base_fp16.safetensors` | `wav2vec2/` |\n\n"
+          "The video is as long as the audio (at most *num_frames*). Windows of 81 frames overlap by 9."))
+
+TINY = Profile(
+    suffix="_tiny_demo", transformer="infinitetalk_tiny/wan2.1_i2v_tiny.safetensors",
+    adapter="infinitetalk_tiny/infinitetalk_single_tiny.safetensors", vae="wan2.1_vae_tiny.safetensors",
+    text_encoder="umt5_tiny.safetensors", clip_vision="clip_vision_tiny.safetensors",
+    wav2vec="wav2vec2_tiny.safetensors", precision="fp32", width=256, height=256, window=33, motion=9, steps=4,
+    max_frames=100,
+    note=("## Tiny demo\n\nThe same graph as `infinitetalk_i2v.json`, on tiny **random-weight** models written by "
+          "`tools/make_tiny_models.py`: it proves the pipeline runs end to end on a CPU, and its frames look like "
+          "noise. For real videos open `infinitetalk_i2v.json` and put the real model files in place."))
+
+
+def infinitetalk_i2v(p: Profile) -> Graph:
+    """Single-speaker image-to-video: portrait + speech -> talking video with the speech as its soundtrack."""
+    g = Graph()
+    g.note(p.note, (-460, 0))
+    adapter = g.add("MultiTalkModelLoader", (0, 0), model=p.adapter)
+    model = g.add("WanVideoModelLoader", (0, 140), model=p.transformer, base_precision=p.precision,
+                  quantization="disabled", load_device="offload_device", attention_mode="sdpa")
+    g.link(adapter, 0, model, "multitalk_model")
+    vae = g.add("WanVideoVAELoader", (0, 380), model_name=p.vae, precision=p.precision)
+    text = g.add("WanVideoTextEncodeCached", (0, 520), model_name=p.text_encoder, precision=p.precision,
+                 positive_prompt="a person is talking to the camera, natural head motion",
+                 negative_prompt=NEGATIVE, use_disk_cache=False, device="gpu")
+    image = g.add("LoadImage", (420, 0), image="sample_portrait.png")
+    clip = g.add("LoadWanVideoClipTextEncoder", (420, 360), model_name=p.clip_vision, precision=p.precision)
+    clip_embeds = g.add("WanVideoClipVisionEncode", (420, 500), crop="center", combine_embeds="average")
+    g.link(clip, 0, clip_embeds, "clip_vision")
+    g.link(image, 0, clip_embeds, "image_1")
+    audio = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
+    wav2vec = g.add("Wav2VecModelLoader", (840, 180), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 320), num_frames=p.max_frames, fps=25.0)
+    g.link(wav2vec, 0, embeds, "wav2vec_model")
+    g.link(audio, 0, embeds, "audio_1")
+    i2v = g.add("WanVideoImageToVideoMultiTalk", (1260, 0), width=p.width, height=p.height,
+                frame_window_size=p.window, motion_frame=p.motion, mode="infinitetalk")
+    g.link(vae, 0, i2v, "vae")
+    g.link(image, 0, i2v, "start_image")
+    g.link(clip_embeds, 0, i2v, "clip_embeds")
+    sampler = g.add("WanVideoSampler", (1260, 360), steps=p.steps, cfg=1.0, shift=7.0, seed=42,
+                    scheduler="multitalk")
+    for source, name in ((model, "model"), (i2v, "image_embeds"), (text, "text_embeds"),
+                         (embeds, "multitalk_embeds")):
+        g.link(source, 0, sampler, name)
+    frames = g.add("WanVideoPassImagesFromSamples", (1680, 0))
+    g.link(sampler, 0, frames, "samples")
+    video = g.add("CreateVideo", (1680, 160), fps=25.0)
+    g.link(frames, 0, video, "images")
+    g.link(embeds, 1, video, "audio")
+    save = g.add("SaveVideo", (1680, 320), filename_prefix="InfiniteTalk/infinitetalk")
+    g.link(video, 0, save, "video")
+    return g
+
+
+GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v}
+PROFILES = (REAL, TINY)
+
+
+def write_all(object_info: dict, folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    """Write every bundled workflow for every profile; returns the paths."""
+    written = []
+    for name, build in GRAPHS.items():
+        for profile in PROFILES:
+            path = folder / f"{name}{profile.suffix}.json"
+            path.write_text(json.dumps(build(profile).to_ui(object_info), indent=1) + "\n")
+            written.append(path)
+    return written
+
+
+def main() -> None:
+    from comfyhost import ComfyServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ComfyServer(workdir=Path(tmp)).start()
+        try:
+            for path in write_all(server.object_info()):
+                print(path)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
