@@ -813,7 +813,7 @@ class WanVideoImageToVideoMultiTalk:
     DESCRIPTION = "Set up windowed long-video InfiniteTalk sampling; windows overlap by motion_frame frames."
 
     def process(self, vae, width, height, frame_window_size, motion_frame, force_offload, colormatch,
-                start_image=None, tiled_vae=False, clip_embeds=None, mode="multitalk", output_path=""):
+                start_image=None, tiled_vae=False, clip_embeds=None, mode="auto", output_path=""):
         if mode == "multitalk":
             raise ValueError("WanVideo Long I2V Multi/InfiniteTalk: the MultiTalk loop variant is not available in "
                              "this version yet; use mode infinitetalk (or auto with an InfiniteTalk model)")
@@ -897,6 +897,7 @@ class WanVideoSampler:
         if not image_embeds.get("multitalk_sampling") or multitalk_embeds is None or text_embeds is None:
             raise ValueError("WanVideoSampler: this pack samples InfiniteTalk videos: connect image_embeds from "
                              "WanVideo Long I2V Multi/InfiniteTalk, multitalk_embeds and text_embeds")
+        pipeline.check_loop_mode(image_embeds.get("multitalk_mode", "auto"), model.model_type)
         inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds)
         settings = SamplerSettings(scheduler=scheduler, steps=steps, shift=shift, seed=seed, start_step=start_step,
                                    end_step=end_step, cfg=pipeline.scale_list(cfg, steps),

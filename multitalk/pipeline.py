@@ -117,6 +117,14 @@ def image_to_video_embeds(width: int, height: int, frame_window_size: int, motio
                        motion_frame=motion_frame, **options)
 
 
+def check_loop_mode(mode: str, model_type: str) -> None:
+    """Only the InfiniteTalk loop exists in this version; ``auto`` follows the loaded adapter's type."""
+    resolved = model_type.lower() if mode == "auto" else mode
+    if resolved != "infinitetalk":
+        raise ValueError(f"the {resolved} loop variant is not available in this version yet; load an InfiniteTalk "
+                         "adapter and use mode infinitetalk (or auto)")
+
+
 def default_speaker_masks(height: int, width: int) -> torch.Tensor:
     """Two-speaker masks [3, H, W] when none are given: left and right boxes, background (workflow-spec §5.6)."""
     masks = torch.zeros(3, height, width)
