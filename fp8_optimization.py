@@ -1,20 +1,74 @@
-"""Linear layers per quantization mode.
+"""Linear layers per quantization mode, and the one place that calls ``torch._scaled_mm``.
 
 The model builds every quantizable Linear through ``ops.Linear(in_features, out_features, bias=True, device=None,
 dtype=None)`` where ``ops = ops_for(mode)``; the module type then says what runs. Layers that must stay in high
 precision are built with ``ops_for(QuantMode.DISABLED)``.
 
-Forward contract of every Linear: input [..., in_features] of the compute dtype; output [..., out_features] of the
-input's dtype. Weight stored row-major [out_features, in_features].
+Forward contract of every Linear: input [..., in_features] (any strides; 3-D CFG batches [B, L, K] included) of the
+compute dtype; output [..., out_features] of the input's dtype.
+
+Modes (number formats in :mod:`quant_formats`). ``_fast`` means the GEMM itself runs in low precision; without it
+the weight is dequantized on the device right before a GEMM in the compute dtype:
+
+=========================  ==========================================  ===========================================
+mode                       weight storage                              GEMM, in order of preference
+=========================  ==========================================  ===========================================
+disabled                   as given (``CastLinear``)                   ``F.linear`` in the input dtype
+fp8_*                      fp8 [N, K] + one per-tensor scale           dequantize -> ``F.linear``
+fp8_*_scaled               fp8 [N, K] + per-output-channel scales      dequantize -> ``F.linear``
+fp8_*_fast / _scaled_fast  as above                                    fp8 row-wise ``_scaled_mm`` (per-token
+                                                                       activation scales), fp8 tensor-wise, dequantize
+fp4_scaled                 NVFP4 (4.5 bits/weight)                     dequantize -> ``F.linear``
+fp4_scaled_fast            NVFP4                                       native NVFP4 GEMM (sm_100+), NVFP4 -> e4m3 +
+                                                                       fp8 row-wise, dequantize
+fp4_experimental           MXFP4 (4.25 bits/weight)                    dequantize -> ``F.linear``
+=========================  ==========================================  ===========================================
+
+fp8 GEMMs need CUDA compute capability 8.9 or 9.0+. The first preferred kernel that the device supports and that
+passes a self-test (one small layer against a float32 reference, once per process, class, device and dtype) is
+used; every fallback logs one line. E5M2 weights run the fp8 GEMM after an exact per-call conversion to E4M3
+(E5M2 x E5M2 GEMMs do not exist). Stored K and N are padded once at load to multiples of 16 (K to 32 for MXFP4).
+
+Loading. ``load_state_dict`` (strict or not, assign or not) accepts, per layer:
+
+* a high-precision ``weight`` [N, K] (bf16/fp16/fp32): quantized at load. The quantization runs on the device the
+  layer lives on (build or move the model to the GPU first for a fast load), or on the incoming tensor's device
+  when the layer is on the meta device (then pass ``assign=True``).
+* a scaled-fp8 checkpoint's fp8 ``weight`` and ``scale_weight`` (per-tensor [] or [1], or per-channel [N]): taken
+  as is by fp8 modes of the same fp8 dtype; other modes re-quantize and then need both in the same call (an
+  fp8 weight without its scale raises).
+* this module's own ``state_dict`` (padded storage tensors): taken bit-exactly.
+* ``scale_input`` is ignored: activation scales are computed per call.
+
+A loader that materialises tensors one by one from a safetensors file can call
+``model.load_state_dict({key: tensor}, strict=False)`` per tensor, in any order, and drop each tensor afterwards
+(peak memory: one high-precision tensor). An fp8 ``weight`` that arrives alone keeps the layer's current
+``scale_weight`` (1.0 after construction); only a mode whose format differs from the checkpoint's fp8 dtype
+needs a per-layer dict ``{weight, scale_weight[, bias]}``. Scales are buffers of the same module, so ``.to()``, block swap and
+``state_dict`` move them with the weight; dtype conversions (``.half()``, ``.to(torch.bfloat16)``) leave the
+weight and scale tensors in their formats and convert only the bias.
+
+``layer_name`` (the class name until :func:`assign_layer_names` or a loader sets it) names the layer in every error.
 """
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .quant_formats import (E4M3, E5M2, MXFP4_BLOCK, NVFP4_BLOCK, GemmOperands, Kernel, check_operands,
+                            dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, nvfp4_to_e4m3,
+                            quantize_fp8, quantize_mxfp4, quantize_nvfp4, quantize_nvfp4_activations,
+                            quantize_rows_e4m3, quantize_tensor_e4m3, relative_error, round_up,
+                            swizzle_block_scales)
+
+log = logging.getLogger(__name__)
 
 
 class QuantMode(str, enum.Enum):
@@ -48,12 +102,449 @@ QUANT_MODES = tuple(m.value for m in QuantMode)
 class CastLinear(nn.Linear):
     """Linear whose stored weight dtype may differ from the compute dtype: cast per call to the input's dtype."""
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.layer_name = type(self).__name__
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------ quantized layers
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _unsupported(kernel: Kernel, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``kernel`` cannot run on ``device`` for inputs of ``dtype`` (None when it can)."""
+    if kernel is Kernel.DENSE:
+        return None
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, the input is on {device.type}"
+    major, minor = _cuda_capability(device)
+    if kernel is Kernel.NVFP4_NATIVE:
+        if (major, minor) < (10, 0) or not hasattr(torch, "float4_e2m1fn_x2"):
+            return f"needs compute capability 10.0+ and torch.float4_e2m1fn_x2 (this GPU: {major}.{minor})"
+        return None if dtype in (torch.bfloat16, torch.float16) else f"needs bf16/fp16 inputs, got {dtype}"
+    if (major, minor) < (9, 0) and (major, minor) != (8, 9):
+        return f"needs compute capability 8.9 or 9.0+ (this GPU: {major}.{minor})"
+    return None
+
+
+class QuantLinear(nn.Module):
+    """Base of the quantized Linears: padded storage, loading, the forward and the kernels.
+
+    Subclasses define the storage format (``_empty_storage``, ``_quantize``, ``_dequantize_padded`` and, for fp8
+    GEMMs, ``_fp8_operands``) and ``kernels``, the GEMMs to try in order.
+    """
+
+    mode: ClassVar[QuantMode]
+    kernels: ClassVar[tuple[Kernel, ...]] = (Kernel.DENSE,)
+    k_block: ClassVar[int] = 16
+    required_scales: ClassVar[tuple[str, ...]] = ()
+    use_fast_accum: ClassVar[bool] = True  # H100: same error at K = 5120 / 13824, 16-19 % less time
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.n_pad, self.k_pad = round_up(out_features, 16), round_up(in_features, self.k_block)
+        self.layer_name = type(self).__name__
+        self.kernel_override: Optional[Kernel] = None
+        storage = self._empty_storage(torch.device(device) if device is not None else None)
+        self.weight = nn.Parameter(storage.pop("weight"), requires_grad=False)
+        for name, tensor in storage.items():
+            self.register_buffer(name, tensor)
+        self.storage_names = ("weight", *storage)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _empty_storage(self, device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """float32 [n_pad, k_pad] -> storage tensors."""
+        raise NotImplementedError
+
+    def _dequantize_padded(self, dtype: torch.dtype) -> torch.Tensor:
+        """Storage -> ``dtype`` [n_pad, k_pad]."""
+        raise NotImplementedError
+
+    def _fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage -> (e4m3 weight [n_pad, k_pad] contiguous, float32 channel scales [1, n_pad])."""
+        raise NotImplementedError(f"{type(self).__name__} has no fp8 GEMM operands")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode.value}, layer_name={self.layer_name!r}")
+
+    # ---------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    scale_weight: Optional[torch.Tensor] = None, layer_name: Optional[str] = None) -> "QuantLinear":
+        """Build a layer on ``weight``'s device from a float or fp8 weight [N, K] (+ its ``scale_weight``)."""
+        if not weight.is_floating_point():
+            raise ValueError(f"from_weight needs a float or fp8 weight [N, K], got {weight.dtype}; load packed "
+                             "fp4 tensors with load_state_dict")
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=None if bias is None else bias.dtype)
+        if layer_name is not None:
+            layer.layer_name = layer_name
+        tensors = {"weight": weight, "bias": bias, "scale_weight": scale_weight}
+        with torch.no_grad():
+            layer._ingest({k: v for k, v in tensors.items() if v is not None}, assign=False)
+        return layer
+
+    def load_weight(self, weight: torch.Tensor, scale_weight: Optional[torch.Tensor] = None) -> None:
+        """Quantize (or take as is) a float or fp8 weight [N, K] into this layer, e.g. after merging a LoRA."""
+        tensors = {"weight": weight} if scale_weight is None else {"weight": weight, "scale_weight": scale_weight}
+        with torch.no_grad():
+            self._ingest(tensors, assign=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer computes with, ``dtype`` [out_features, in_features] contiguous."""
+        w = self._dequantize_padded(dtype)
+        if w.shape != (self.out_features, self.in_features):
+            w = w[:self.out_features, :self.in_features].contiguous()
+        return w
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        known = set(self.storage_names) | {"scale_weight", "scale_input"}
+        if self.bias is not None:
+            known.add("bias")
+        incoming = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)
+                    and "." not in key[len(prefix):]}
+        unexpected_keys.extend(prefix + name for name in incoming if name not in known)
+        incoming = {name: value for name, value in incoming.items() if name in known}
+        try:
+            with torch.no_grad():
+                self._ingest(incoming, assign=local_metadata.get("assign_to_params_buffers", False))
+        except ValueError as err:
+            error_msgs.append(str(err))
+        required = ["weight"] + (["bias"] if self.bias is not None else [])
+        if "weight" in incoming and incoming["weight"].dtype == self.weight.dtype:
+            required += list(self.required_scales)
+        missing_keys.extend(prefix + name for name in required if name not in incoming)
+
+    def _ingest(self, tensors: dict[str, torch.Tensor], assign: bool) -> None:
+        tensors = dict(tensors)
+        tensors.pop("scale_input", None)
+        bias, weight = tensors.pop("bias", None), tensors.pop("weight", None)
+        if weight is not None and weight.dtype != self.weight.dtype:
+            scale = tensors.pop("scale_weight", None)
+            if scale is None and weight.dtype in (E4M3, E5M2):
+                raise ValueError(f"{self.layer_name}: re-quantizing a {weight.dtype} weight for {self.mode.value} "
+                                 "needs its scale_weight in the same load call (torch.ones(()) for an unscaled "
+                                 "fp8 checkpoint)")
+            self._quantize_into(self._as_float(weight, scale), assign)
+        elif weight is not None:
+            self._store("weight", weight, assign)
+            if "scale_weight" in self.storage_names and "scale_weight" not in tensors and self.scale_weight.is_meta:
+                tensors["scale_weight"] = torch.ones((), device=weight.device)
+        for name, value in tensors.items():
+            if name not in self.storage_names:
+                raise ValueError(f"{self.layer_name}: {name} can only be loaded into a {self.mode.value} layer "
+                                 "together with its fp8 weight (one load call with weight and scale_weight)")
+            self._store(name, value, assign)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"{self.layer_name}.bias: shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            self._put("bias", bias.to(self.bias.dtype), assign)
+
+    def _as_float(self, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """A foreign-format weight [N, K] (or padded) times its optional scale -> float32 [N, K] on the compute device."""
+        n, k = self.out_features, self.in_features
+        if tuple(weight.shape) not in ((n, k), (self.n_pad, self.k_pad)) or not weight.is_floating_point():
+            raise ValueError(f"{self.layer_name}.weight: got {tuple(weight.shape)} {weight.dtype}, expected a float "
+                             f"or fp8 weight of shape ({n}, {k})")
+        device = weight.device if self.weight.is_meta else self.weight.device
+        w = weight[:n, :k].to(device=device).float()
+        if scale is not None:
+            scale = scale.to(device=device, dtype=torch.float32).reshape(-1)
+            w = w * (scale[:n, None] if scale.numel() > 1 else scale)
+        return w
+
+    def _quantize_into(self, w: torch.Tensor, assign: bool) -> None:
+        padded = torch.zeros((self.n_pad, self.k_pad), dtype=torch.float32, device=w.device)
+        padded[:w.shape[0], :w.shape[1]] = w
+        for name, tensor in self._quantize(padded).items():
+            self._store(name, tensor, assign)
+
+    def _store(self, name: str, value: torch.Tensor, assign: bool) -> None:
+        """Fit a storage tensor to its padded shape (zero rows/columns; 1.0 for fp8 channel scales) and keep it."""
+        current = getattr(self, name)
+        if value.dtype == getattr(torch, "float8_e8m0fnu", None) and current.dtype == torch.uint8:
+            value = value.view(torch.uint8)
+        if value.dtype != current.dtype:
+            raise ValueError(f"{self.layer_name}.{name}: dtype {value.dtype}, expected {current.dtype}")
+        target = tuple(current.shape)
+        if name == "scale_weight":
+            value = value.reshape(-1).expand(self.n_pad) if value.numel() == 1 else value.reshape(-1)
+        elif value.numel() == 1 and current.numel() == 1:
+            value = value.reshape(target)
+        if tuple(value.shape) != target:
+            if value.dim() != len(target) or any(v > t for v, t in zip(value.shape, target)):
+                raise ValueError(f"{self.layer_name}.{name}: shape {tuple(value.shape)} does not fit the stored "
+                                 f"shape {target} (in_features={self.in_features}, out_features={self.out_features})")
+            fill = torch.ones if name == "scale_weight" else torch.zeros
+            fitted = fill(target, dtype=torch.float32, device=value.device).to(value.dtype)
+            fitted[tuple(slice(0, s) for s in value.shape)] = value
+            value = fitted
+        self._put(name, value.contiguous(), assign)
+
+    def _put(self, name: str, value: torch.Tensor, assign: bool) -> None:
+        current = getattr(self, name)
+        if assign or current.is_meta:
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(value, requires_grad=False)
+            else:
+                self._buffers[name] = value
+        else:
+            current.copy_(value)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to every tensor; dtype conversions skip the weight and scale storage."""
+        frozen = {id(getattr(self, name)) for name in self.storage_names}
+
+        def keep_format(tensor: torch.Tensor) -> torch.Tensor:
+            out = fn(tensor)
+            if id(tensor) in frozen and out.dtype != tensor.dtype:
+                return tensor.to(device=out.device)
+            return out
+
+        return super()._apply(keep_format, recurse)
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != in_features {self.in_features}")
+        kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        elif rows.data_ptr() % 16:
+            rows = rows.clone()
+        y = getattr(self, _RUNNERS[kernel])(rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _bias_as(self, dtype: torch.dtype, padded: bool) -> Optional[torch.Tensor]:
+        if self.bias is None:
+            return None
+        bias = self.bias.to(dtype)
+        return F.pad(bias, (0, self.n_pad - self.out_features)) if padded and self.n_pad > self.out_features else bias
+
+    def _crop(self, y: torch.Tensor) -> torch.Tensor:
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+
+    def _run_dense(self, rows: torch.Tensor) -> torch.Tensor:
+        w, bias = self.dequantized_weight(rows.dtype), self._bias_as(rows.dtype, padded=False)
+        check_operands(GemmOperands(self.layer_name, Kernel.DENSE, rows, w.t(), bias=bias, out_dtype=rows.dtype))
+        return F.linear(rows, w, bias)
+
+    def _run_fp8_rowwise(self, rows: torch.Tensor) -> torch.Tensor:
+        w8, scale_b = self._fp8_operands()
+        a, scale_a = quantize_rows_e4m3(rows, self.k_pad - self.in_features)
+        fuse_bias = rows.dtype != torch.float32
+        bias = self._bias_as(rows.dtype, padded=True) if fuse_bias else None
+        op = GemmOperands(self.layer_name, Kernel.FP8_ROWWISE, a, w8.t(), scale_a, scale_b, bias, rows.dtype)
+        y = self._crop(_scaled_mm(op, self.use_fast_accum))
+        return y if fuse_bias or self.bias is None else y + self.bias.to(y.dtype)
+
+    def _run_fp8_tensorwise(self, rows: torch.Tensor) -> torch.Tensor:
+        w8, scale_b = self._fp8_operands()
+        a, scale_a = quantize_tensor_e4m3(rows, self.k_pad - self.in_features)
+        one = torch.ones((), dtype=torch.float32, device=rows.device)
+        op = GemmOperands(self.layer_name, Kernel.FP8_TENSORWISE, a, w8.t(), scale_a, one, None, torch.float32)
+        y = _scaled_mm(op, self.use_fast_accum) * scale_b
+        if self.bias is not None:
+            y = y + self._bias_as(torch.float32, padded=True)
+        return self._crop(y).to(rows.dtype)
+
+    def _run_nvfp4_native(self, rows: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(rows, (0, self.k_pad - self.in_features))
+        a, a_scale, a_global = quantize_nvfp4_activations(padded)
+        op = GemmOperands(self.layer_name, Kernel.NVFP4_NATIVE, a, self.weight.t(), swizzle_block_scales(a_scale),
+                          swizzle_block_scales(self.weight_scale), None, rows.dtype)
+        y = _scaled_mm(op, False) * (a_global * self.weight_scale_2).to(rows.dtype)
+        bias = self._bias_as(rows.dtype, padded=True)
+        return self._crop(y if bias is None else y + bias)
+
+
+_RUNNERS = {Kernel.DENSE: "_run_dense", Kernel.FP8_ROWWISE: "_run_fp8_rowwise",
+            Kernel.FP8_TENSORWISE: "_run_fp8_tensorwise", Kernel.NVFP4_NATIVE: "_run_nvfp4_native"}
+
+
+def _scaled_mm(op: GemmOperands, use_fast_accum: bool) -> torch.Tensor:
+    """The only ``torch._scaled_mm`` call: validates ``op`` first; returns [M, N] of ``op.out_dtype``."""
+    check_operands(op)
+    a, b = op.a, op.b
+    if op.kernel is Kernel.NVFP4_NATIVE:
+        a, b = a.view(torch.float4_e2m1fn_x2), b.t().view(torch.float4_e2m1fn_x2).t()
+    out = torch._scaled_mm(a, b, scale_a=op.scale_a, scale_b=op.scale_b, bias=op.bias, out_dtype=op.out_dtype,
+                           use_fast_accum=use_fast_accum)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _FP8Linear(QuantLinear):
+    """fp8 weight [n_pad, k_pad] with float32 scales [n_pad] (per-tensor: one value repeated)."""
+
+    fp8_dtype: ClassVar[torch.dtype] = E4M3
+    per_channel: ClassVar[bool] = False
+
+    def _empty_storage(self, device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+        return {"weight": torch.zeros((self.n_pad, self.k_pad), dtype=self.fp8_dtype, device=device),
+                "scale_weight": torch.ones(self.n_pad, dtype=torch.float32, device=device)}
+
+    def _quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quantize_fp8(w, self.fp8_dtype, self.per_channel)
+        return {"weight": q, "scale_weight": scale}
+
+    def _dequantize_padded(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.weight, self.scale_weight, dtype)
+
+    def _fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fp8_dtype == E4M3:
+            return self.weight, self.scale_weight.view(1, -1)
+        return e5m2_to_e4m3(self.weight, self.scale_weight)
+
+
+_FP8_FAST = (Kernel.FP8_ROWWISE, Kernel.FP8_TENSORWISE, Kernel.DENSE)
+
+
+class FP8E4M3Linear(_FP8Linear):
+    mode = QuantMode.FP8_E4M3FN
+
+
+class FP8E4M3FastLinear(_FP8Linear):
+    mode, kernels = QuantMode.FP8_E4M3FN_FAST, _FP8_FAST
+
+
+class FP8E4M3ScaledLinear(_FP8Linear):
+    mode, per_channel = QuantMode.FP8_E4M3FN_SCALED, True
+
+
+class FP8E4M3ScaledFastLinear(_FP8Linear):
+    mode, per_channel, kernels = QuantMode.FP8_E4M3FN_SCALED_FAST, True, _FP8_FAST
+
+
+class FP8E5M2Linear(_FP8Linear):
+    mode, fp8_dtype = QuantMode.FP8_E5M2, E5M2
+
+
+class FP8E5M2FastLinear(_FP8Linear):
+    mode, fp8_dtype, kernels = QuantMode.FP8_E5M2_FAST, E5M2, _FP8_FAST
+
+
+class FP8E5M2ScaledLinear(_FP8Linear):
+    mode, fp8_dtype, per_channel = QuantMode.FP8_E5M2_SCALED, E5M2, True
+
+
+class FP8E5M2ScaledFastLinear(_FP8Linear):
+    mode, fp8_dtype, per_channel, kernels = QuantMode.FP8_E5M2_SCALED_FAST, E5M2, True, _FP8_FAST
+
+
+class _NVFP4Linear(QuantLinear):
+    """NVFP4: packed E2M1 [n_pad, k_pad/2], e4m3 block scales [n_pad, k_pad/16], float32 global scale [1]."""
+
+    required_scales = ("weight_scale", "weight_scale_2")
+
+    def _empty_storage(self, device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+        return {"weight": torch.zeros((self.n_pad, self.k_pad // 2), dtype=torch.uint8, device=device),
+                "weight_scale": torch.zeros((self.n_pad, self.k_pad // NVFP4_BLOCK), dtype=E4M3, device=device),
+                "weight_scale_2": torch.ones(1, dtype=torch.float32, device=device)}
+
+    def _quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, block_scale, global_scale = quantize_nvfp4(w)
+        return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": global_scale}
+
+    def _dequantize_padded(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2, dtype)
+
+    def _fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return nvfp4_to_e4m3(self.weight, self.weight_scale, self.weight_scale_2)
+
+
+class NVFP4Linear(_NVFP4Linear):
+    mode = QuantMode.FP4_SCALED
+
+
+class NVFP4FastLinear(_NVFP4Linear):
+    mode, kernels = QuantMode.FP4_SCALED_FAST, (Kernel.NVFP4_NATIVE, Kernel.FP8_ROWWISE, Kernel.DENSE)
+
+
+class MXFP4Linear(QuantLinear):
+    """MXFP4: packed E2M1 [n_pad, k_pad/2], E8M0 block exponents uint8 [n_pad, k_pad/32] (bias 127)."""
+
+    mode, k_block, required_scales = QuantMode.FP4_EXPERIMENTAL, MXFP4_BLOCK, ("weight_scale",)
+
+    def _empty_storage(self, device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+        return {"weight": torch.zeros((self.n_pad, self.k_pad // 2), dtype=torch.uint8, device=device),
+                "weight_scale": torch.zeros((self.n_pad, self.k_pad // MXFP4_BLOCK), dtype=torch.uint8, device=device)}
+
+    def _quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, exponents = quantize_mxfp4(w)
+        return {"weight": packed, "weight_scale": exponents}
+
+    def _dequantize_padded(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_mxfp4(self.weight, self.weight_scale, dtype)
+
+
+# ------------------------------------------------------------------------------------- kernel choice, self-test
+
+_SELF_TEST_TOLERANCE = {Kernel.DENSE: 2e-2, Kernel.FP8_ROWWISE: 0.1, Kernel.FP8_TENSORWISE: 0.1,
+                        Kernel.NVFP4_NATIVE: 0.3}
+
+
+@functools.cache
+def self_test(cls: type, kernel: Kernel, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Run one small ``cls`` layer (3-D input, N and K needing padding) through ``kernel`` on ``device``.
+
+    Returns None when the output matches ``F.linear`` in float32 on the layer's dequantized weight (so only the
+    kernel's own error counts), else the reason. Cached: runs once per process, class, kernel, device and dtype.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n, k, m = 72, 272, 37
+    weight = torch.randn(n, k, generator=gen) * torch.logspace(-2, 0, n)[:, None]
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(2, m, k, generator=gen).to(device=device, dtype=dtype)
+    layer = cls.from_weight(weight.to(device), bias.to(device), layer_name=f"self-test of {cls.mode.value}")
+    layer.kernel_override = kernel
+    try:
+        with torch.no_grad():
+            y = layer(x)
+    except (RuntimeError, ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    ref = F.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    err, limit = relative_error(y.float(), ref), _SELF_TEST_TOLERANCE[kernel]
+    return None if err <= limit else f"output differs from the float32 reference by {err:.3g} (limit {limit})"
+
+
+@functools.cache
+def select_kernel(cls: type, device: torch.device, dtype: torch.dtype) -> Kernel:
+    """The first of ``cls.kernels`` that ``device`` supports and that passes :func:`self_test`.
+
+    Logs one line when a preferred kernel is skipped; raises RuntimeError when none passes.
+    """
+    reasons = []
+    for kernel in cls.kernels:
+        why = _unsupported(kernel, device, dtype) or self_test(cls, kernel, device, dtype)
+        if why is None:
+            if reasons:
+                log.warning("quantization %s on %s (%s): %s; running %s", cls.mode.value, device, dtype,
+                            "; ".join(reasons), kernel.value)
+            return kernel
+        reasons.append(f"{kernel.value} skipped ({why})")
+    raise RuntimeError(f"quantization {cls.mode.value}: no kernel is numerically correct on {device} for {dtype}: "
+                       f"{'; '.join(reasons)}. Choose another quantization mode.")
 
 
 @dataclass(frozen=True)
@@ -63,8 +554,39 @@ class Ops:
     mode: QuantMode
     Linear: type
 
+    def kernel_for(self, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> Kernel:
+        """The GEMM this mode's Linear runs on ``device`` for ``dtype`` inputs (runs the self-tests once)."""
+        if not issubclass(self.Linear, QuantLinear):
+            return Kernel.DENSE
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return select_kernel(self.Linear, device, dtype)
+
+
+_LINEARS: dict[QuantMode, type] = {
+    QuantMode.DISABLED: CastLinear,
+    **{cls.mode: cls for cls in (FP8E4M3Linear, FP8E4M3FastLinear, FP8E4M3ScaledLinear, FP8E4M3ScaledFastLinear,
+                                 FP8E5M2Linear, FP8E5M2FastLinear, FP8E5M2ScaledLinear, FP8E5M2ScaledFastLinear,
+                                 MXFP4Linear, NVFP4Linear, NVFP4FastLinear)},
+}
+
 
 def ops_for(mode: str | QuantMode) -> Ops:
     """Return the layer namespace for ``mode``."""
     parsed = mode if isinstance(mode, QuantMode) else QuantMode.parse(mode)
-    return Ops(mode=parsed, Linear=CastLinear)
+    return Ops(mode=parsed, Linear=_LINEARS[parsed])
+
+
+def assign_layer_names(root: nn.Module) -> None:
+    """Set ``layer_name`` of every Linear of this module to its qualified name inside ``root``."""
+    for name, module in root.named_modules():
+        if isinstance(module, (CastLinear, QuantLinear)):
+            module.layer_name = name or type(module).__name__
+
+
+def bytes_per_weight(layer: nn.Module) -> float:
+    """Bytes of weight storage (weight and scales, padding included) per logical weight element."""
+    names = getattr(layer, "storage_names", ("weight",))
+    total = sum(getattr(layer, name).numel() * getattr(layer, name).element_size() for name in names)
+    return total / (layer.in_features * layer.out_features)

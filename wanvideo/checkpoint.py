@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..attention import AttentionBackend, AttentionMode, resolve
-from ..fp8_optimization import Ops, QuantMode, ops_for
+from ..fp8_optimization import Ops, QuantLinear, QuantMode, assign_layer_names, ops_for
 from .config import TEXT_LEN, WanConfig
 
 PathLike = Union[str, Path]
@@ -259,9 +259,12 @@ def load_model(model_cls: type, sd: LazyStateDict, options: LoadOptions) -> nn.M
     attention = options.attention or resolve(AttentionMode.SDPA, options.device, options.dtype)
     with torch.device("meta"):
         model = model_cls(cfg, ops, attention)
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(sd))
-    unexpected = sorted(set(sd) - set(params))
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    params = {name: p for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized}
+    expected = set(params) | {f"{q}.{leaf}" for q in quantized
+                              for leaf in ("weight", "bias") if getattr(model.get_submodule(q), leaf) is not None}
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
         raise _key_error(sd.describe(), missing, unexpected)
     keep = getattr(model_cls, "KEEP_FP32", ())
@@ -272,4 +275,9 @@ def load_model(model_cls: type, sd: LazyStateDict, options: LoadOptions) -> nn.M
                              f"these files expects {list(param.shape)} (mixed architectures?)")
         dtype = torch.float32 if _matches(name, keep) else options.dtype
         _assign(model, name, entry.read().to(dtype))
+    for prefix in sorted(quantized):
+        layer = model.get_submodule(prefix)
+        tensors = {leaf: sd[f"{prefix}.{leaf}"].read() for leaf in ("weight", "bias") if f"{prefix}.{leaf}" in sd}
+        layer.load_state_dict(tensors, strict=True, assign=True)
+    assign_layer_names(model)
     return model.eval()

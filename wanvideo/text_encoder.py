@@ -304,8 +304,9 @@ def prepare_t5_state_dict(sd: dict[str, torch.Tensor], name: str = "state dict")
 
 
 def build_umt5(sd: dict[str, torch.Tensor], precision: str = "bf16", quantization: str = "disabled") -> UMT5Encoder:
-    """Wan-layout state dict -> UMT5Encoder in eval mode on the tensors' device. Linear weights become
-    float8_e4m3fn when ``quantization`` is fp8_e4m3fn; everything else ``precision`` (fp32|bf16).
+    """Wan-layout state dict -> UMT5Encoder in eval mode on the tensors' device. With ``quantization`` fp8_e4m3fn
+    the Linear layers store float8_e4m3fn weights with a per-tensor scale (quantized at load by the layer, or taken
+    as is from an fp8 file); everything else is ``precision`` (fp32|bf16).
 
     ``sd`` is consumed (emptied) while casting, so at most one extra tensor exists at a time."""
     if precision not in PRECISIONS:
@@ -316,11 +317,10 @@ def build_umt5(sd: dict[str, torch.Tensor], precision: str = "bf16", quantizatio
     dtype = PRECISIONS[precision]
     with torch.device("meta"):
         model = UMT5Encoder(UMT5Config.from_state_dict(sd), quantization)
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    fp8 = quantization == QuantMode.FP8_E4M3FN.value
     cast = {}
     for key in list(sd):
-        cast[key] = sd.pop(key).to(torch.float8_e4m3fn if (fp8 and key in linear_weights) else dtype)
+        tensor = sd.pop(key)
+        cast[key] = tensor if tensor.dtype == torch.float8_e4m3fn else tensor.to(dtype)
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
