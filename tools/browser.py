@@ -11,6 +11,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
 
@@ -71,6 +73,64 @@ class ComfyPage:
             timeout=timeout_s * 1000)
         events = self.page.evaluate("window.__events")
         return next(e for e in events if e["type"] in ("execution_success", "execution_error"))
+
+    def add_node_from_search(self, display_name: str) -> dict:
+        """Double-click an empty spot of the canvas, type ``display_name`` in the node search box, click the result
+        with exactly that name; returns ``{"hit": its text, "type": added node type, "id": node id}`` and moves the
+        new node out of the way so the spot stays empty."""
+        box = self.page.locator("#graph-canvas").bounding_box()
+        before = self.page.evaluate("app.graph.nodes.map(n => n.id)")
+        self.page.evaluate("app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true)")
+        for attempt in range(3):
+            self.page.wait_for_timeout(200)
+            self.page.mouse.dblclick(box["x"] + 250, box["y"] + box["height"] / 2)
+            try:
+                self.page.wait_for_selector("input[placeholder='Search Nodes...']", state="visible", timeout=5_000)
+                break
+            except PlaywrightTimeout:
+                self.page.keyboard.press("Escape")
+        else:
+            raise AssertionError("double-clicking the empty canvas did not open the node search box")
+        self.page.wait_for_timeout(200)
+        search = self.page.get_by_placeholder("Search Nodes...")
+        search.fill(display_name)
+        first_hit = """name => {
+            const hit = [...document.querySelectorAll('li[role=option]')].find(e => e.innerText.trim());
+            return !!hit && hit.innerText.split('\\n')[0].replace('\\u00a0', '').trim() === name;
+        }"""
+        self.page.wait_for_function(first_hit, arg=display_name, timeout=15_000)
+        self.page.wait_for_timeout(300)
+        hit = self.page.evaluate(f"""name => {{
+            if (!({first_hit})(name)) return null;
+            const hit = [...document.querySelectorAll('li[role=option]')].find(e => e.innerText.trim());
+            hit.click();
+            return hit.innerText;
+        }}""", display_name)
+        if hit is None:
+            raise AssertionError(f"the search results for {display_name!r} changed while choosing one")
+        self.page.wait_for_function("n => app.graph.nodes.length > n", arg=len(before), timeout=15_000)
+        self.page.wait_for_selector("input[placeholder='Search Nodes...']", state="hidden", timeout=15_000)
+        added = self.page.evaluate("""before => {
+            const node = app.graph.nodes.find(n => !before.includes(n.id));
+            node.pos = [2000 + 40 * (node.id % 20), 100 + 30 * (node.id % 20)];
+            return {type: node.type, id: node.id};
+        }""", before)
+        return {"hit": hit, **added}
+
+    def widget_tooltip(self, node_id: int, index: int = 0) -> str:
+        """Hover widget ``index`` of node ``node_id`` and return the tooltip text the front-end shows."""
+        self.page.evaluate("id => { app.graph.getNodeById(id).pos = [400, 150]; app.canvas.setDirty(true, true); }",
+                           node_id)
+        self.page.wait_for_timeout(300)
+        point = self.page.evaluate("""([id, i]) => { const n = app.graph.getNodeById(id); const w = n.widgets[i];
+            return app.canvasPosToClientPos([n.pos[0] + 40, n.pos[1] + w.y + 8]); }""", [node_id, index])
+        self.page.mouse.move(point[0] - 5, point[1])
+        self.page.mouse.move(point[0], point[1])
+        self.page.wait_for_selector(".node-tooltip", timeout=10_000)
+        text = self.page.inner_text(".node-tooltip")
+        self.page.mouse.move(5, 5)
+        self.page.evaluate("id => { app.graph.getNodeById(id).pos = [2000, 100]; }", node_id)
+        return text
 
     def toasts(self) -> list[str]:
         return self.page.evaluate("[...document.querySelectorAll('.p-toast-message')].map(d => d.innerText)")

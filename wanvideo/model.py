@@ -91,7 +91,8 @@ class WanT2VCrossAttention(nn.Module):
 class WanI2VCrossAttention(WanT2VCrossAttention):
     """Text + CLIP-image cross-attention; the two attention outputs are summed before ``o``.
 
-    context [B, n_img + L, dim] with the n_img CLIP tokens first.
+    context [B, n_img + L, dim] with the n_img CLIP tokens first; n_img 0 (no CLIP tokens given) skips the image
+    branch, as the upstream pack allows.
     """
 
     def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
@@ -101,8 +102,10 @@ class WanI2VCrossAttention(WanT2VCrossAttention):
         self.norm_k_img = WanRMSNorm(cfg.dim, eps=cfg.eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0) -> torch.Tensor:
-        img = context[:, :n_img]
         q = self._heads(self.norm_q(self.q(x)))
+        if n_img == 0:
+            return self.o(self._text(q, context))
+        img = context[:, :n_img]
         k_img = self._heads(self.norm_k_img(self.k_img(img)))
         img_out = self.attention(q, k_img, self._heads(self.v_img(img))).flatten(2)
         return self.o(self._text(q, context[:, n_img:]) + img_out)
@@ -239,11 +242,10 @@ class WanModel(nn.Module):
             context = torch.cat([context, context.new_zeros(context.shape[0], cfg.text_len - context.shape[1],
                                                             cfg.text_dim)], dim=1)
         text = self.text_embedding(context.to(dt))
-        if cfg.model_type == "t2v":
+        if cfg.model_type == "t2v" or clip_fea is None:
             return text, 0
-        if clip_fea is None or clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.clip_dim:
-            got = None if clip_fea is None else tuple(clip_fea.shape)
-            raise ValueError(f"this I2V model needs clip_fea [B, 257, {cfg.clip_dim}] (CLIP vision tokens), got {got}")
+        if clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.clip_dim:
+            raise ValueError(f"clip_fea must be [B, N, {cfg.clip_dim}] CLIP vision tokens, got {tuple(clip_fea.shape)}")
         img = self.img_emb(clip_fea.to(dt)).expand(text.shape[0], -1, -1)
         return torch.cat([img, text], dim=1), img.shape[1]
 

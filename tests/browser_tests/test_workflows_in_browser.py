@@ -84,4 +84,4 @@ def test_tiny_demo_converts_like_the_api_path_and_runs(comfy_server, tmp_path):
         page.queue()
         event = page.wait_finished(timeout_s=900)
         page.screenshot(tmp_path / "tiny_demo.png")
-    assert event["type"] == "execution_success", event
+    assert event["type"] == "execution_success", event["detail"].get("exception_message", event)

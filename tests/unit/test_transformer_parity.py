@@ -159,6 +159,14 @@ def test_speaker_masks_matter_only_for_two_speakers(fixture):
             model(**model_args(fixture, masks=False))
 
 
+def test_clip_tokens_are_optional_for_i2v(fixture):
+    model = build_model(fixture)
+    args = model_args(fixture)
+    with torch.inference_mode():
+        without, with_clip = model(**dict(args, clip_fea=None)), model(**args)
+    assert torch.isfinite(without).all() and not torch.allclose(without, with_clip)
+
+
 def test_bad_inputs_are_named(fixture):
     model = build_model(fixture)
     args = model_args(fixture)
@@ -167,7 +175,7 @@ def test_bad_inputs_are_named(fixture):
     with pytest.raises(ValueError, match="audio"):
         model(**dict(args, audio=args["audio"][:, :, 1:]))
     with pytest.raises(ValueError, match="clip_fea"):
-        model(**dict(args, clip_fea=None))
+        model(**dict(args, clip_fea=args["clip_fea"][..., :7]))
     with pytest.raises(ValueError, match="channels"):
         model(**dict(args, y=None))
     with pytest.raises(ValueError, match="context"):
