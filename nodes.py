@@ -12,7 +12,7 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from .attention import ATTENTION_MODES
+from .attention import ATTENTION_MODES, register_external
 from .fp8_optimization import QUANT_MODES
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
@@ -33,6 +33,16 @@ WAV2VEC_REPOS = ["TencentGameMate/chinese-wav2vec2-base", "facebook/wav2vec2-bas
 
 if "wav2vec2" not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path("wav2vec2", os.path.join(folder_paths.models_dir, "wav2vec2"))
+
+
+def _register_comfy_attention() -> None:
+    """attention_mode "comfy": ComfyUI's own optimized attention, handed to the core (which never imports ComfyUI)."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    register_external("comfy", optimized_attention)
+
+
+_register_comfy_attention()
 
 
 def _tip(text: str, **config) -> dict:

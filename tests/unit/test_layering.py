@@ -24,7 +24,7 @@ COMFY = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config"
 KERNELS = {"attention", "fp8_optimization", "blockswap"}
 # Private helper modules split out of one kernel module: same rules as their owner, importable only by it and by
 # the core that may import the owner.
-KERNEL_HELPERS = {"quant_formats": "fp8_optimization"}
+KERNEL_HELPERS = {"quant_formats": "fp8_optimization", "attention_kernels": "attention", "attention_triton": "attention"}
 PACK_TOP = {"wanvideo", "multitalk", "nodes", *KERNELS, *KERNEL_HELPERS}
 OUTSIDE_CORE = ("tests", "tools", "benchmarks")
 CONTIGUOUS_OK = {f"{k}.py" for k in (*KERNELS, *KERNEL_HELPERS)}

@@ -1,0 +1,126 @@
+"""Thin wrappers over the optional third-party attention kernels used by :mod:`attention` (its helper module).
+
+Every ``*_run(q, k, v, k_lens)`` receives q/k/v already contiguous, 16-byte aligned and in a supported dtype, in the
+layout its kernel is registered with in ``attention._KERNELS`` (NHD = [B, L, H, D] unless noted), and returns the
+kernel's output in that layout. ``k_lens`` is always None here (these kernels are not ``masked``: padded keys are
+sliced off per batch element by the caller). Packages are imported on first use, never at import time.
+Probes return why an installed package cannot be used (wrong major version, a known-bad build) or None.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+SAGE1_INSTALL = "pip install sageattention"
+SAGE2_INSTALL = ("build SageAttention 2 from source: git clone https://github.com/thu-ml/SageAttention && "
+                 "cd SageAttention && pip install --no-build-isolation . (on Hopper from a commit at or after "
+                 "ff71e1e)")
+SAGE3_INSTALL = ("build sageattention3_blackwell from https://github.com/thu-ml/SageAttention (RTX 50xx / RTX PRO "
+                 "6000, CUDA >= 12.8): cd sageattention3_blackwell && pip install --no-build-isolation .")
+FLASH2_INSTALL = "pip install flash-attn --no-build-isolation"
+FLASH3_INSTALL = ("build FlashAttention 3: git clone https://github.com/Dao-AILab/flash-attention && "
+                  "cd flash-attention/hopper && python setup.py install")
+FLASH4_INSTALL = "pip install flash-attn-4"
+TRITON_INSTALL = "pip install triton"
+
+SAGE2_BAD_HOPPER_RELEASES = ("2.2.0",)  # the v2.2.0 tag: sm90 op name rebound to its fake impl (kernels.md §3.2)
+SM90_OP = "qk_int8_sv_f8_accum_f32_fuse_v_scale_attn_inst_buf"
+
+Probe = Callable[[torch.device], Optional[str]]
+
+
+@functools.cache
+def load(module: str):
+    """Import ``module`` once (raises ImportError/OSError when it is installed but broken)."""
+    return importlib.import_module(module)
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted names allowed) can be found, without importing it beyond its parents."""
+    parts = module.split(".")
+    return all(importlib.util.find_spec(".".join(parts[:i])) is not None for i in range(1, len(parts) + 1))
+
+
+def dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _output(result) -> torch.Tensor:
+    """Some kernels return ``(out, lse)`` depending on their version; keep the output."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def sage2_run(q, k, v, k_lens):
+    """SageAttention 2 auto-dispatch (sm80/86/89/90/120), NHD; does not modify its inputs."""
+    return load("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def sage1_run(q, k, v, k_lens):
+    """SageAttention 1 (Triton), NHD; subtracts the key mean from ``k`` IN PLACE (the caller passes a copy)."""
+    return load("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False, smooth_k=True)
+
+
+def sage3_run(q, k, v, k_lens):
+    """SageAttention 3 FP4 (sm120/121), HND [B, H, L, D]; modifies ``k`` IN PLACE (the caller passes a copy)."""
+    return load("sageattn3").sageattn3_blackwell(q, k, v, is_causal=False, per_block_mean=True)
+
+
+def flash2_run(q, k, v, k_lens):
+    """FlashAttention 2, NHD."""
+    return _output(load("flash_attn").flash_attn_func(q, k, v, dropout_p=0.0, causal=False))
+
+
+def flash3_run(q, k, v, k_lens):
+    """FlashAttention 3 (Hopper), NHD."""
+    return _output(load("flash_attn_interface").flash_attn_func(q, k, v, causal=False))
+
+
+def flash4_run(q, k, v, k_lens):
+    """FlashAttention 4 (CuTe DSL, compiled on first call), NHD."""
+    return _output(load("flash_attn.cute").flash_attn_func(q, k, v, causal=False))
+
+
+def sage_probe(major: int) -> Probe:
+    """Probe for the SageAttention kernel of ``major`` version 1 or 2 (both ship as ``sageattention``)."""
+    def probe(device: torch.device) -> Optional[str]:
+        is_v2 = hasattr(load("sageattention"), "sageattn_qk_int8_pv_fp16_cuda")
+        version = dist_version("sageattention")
+        if major == 2 and not is_v2:
+            return f"the installed sageattention {version} is SageAttention 1; for SageAttention 2 {SAGE2_INSTALL}"
+        if major == 1 and is_v2:
+            return f"the installed sageattention {version} is SageAttention 2 (it runs as sage2)"
+        if major == 2 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 \
+                and sage2_hopper_release_bug(version):
+            return (f"sageattention {version} is the release whose Hopper kernel returns uninitialised output "
+                    f"(thu-ml/SageAttention#320); rebuild it from a commit at or after ff71e1e")
+        return None
+
+    return probe
+
+
+def sage2_hopper_release_bug(version: str) -> bool:
+    """True for the 2.2.0 release build, whose sm90 op binding is a plain Python function (the fake impl that
+    never launches the kernel); fixed builds report 2.2.0 too, so the binding itself is checked."""
+    if not version.startswith(SAGE2_BAD_HOPPER_RELEASES) or not installed("sageattention.sm90_compile"):
+        return False
+    return inspect.isfunction(getattr(load("sageattention.sm90_compile"), SM90_OP, None))
+
+
+def has_attr_probe(module: str, attr: str, what: str) -> Probe:
+    """Probe that rejects an installed ``module`` lacking ``attr`` (e.g. flash-attn-4 alone provides no FA2)."""
+    def probe(device: torch.device) -> Optional[str]:
+        if not hasattr(load(module), attr):
+            return f"the installed {module} ({dist_version(module.split('.')[0].replace('_', '-'))}) is not {what}"
+        return None
+
+    return probe
+

@@ -1,0 +1,158 @@
+"""Attention back-ends on a CUDA GPU (skipped without one): every mode resolves without a CUDA error, names what
+runs, and matches float32 math on transposed, sliced, misaligned and padded inputs at Wan-like shapes.
+
+Small shapes only, so the file can run under ``compute-sanitizer --tool memcheck``.
+"""
+import math
+
+import pytest
+import torch
+
+from infinitetalk import attention as A
+from infinitetalk import attention_kernels as ext
+from infinitetalk.attention import ATTENTION_MODES, math_attention, relative_error, resolve
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda")
+EIGHT_BIT = {"sage2", "sage1", "triton_fp8"}
+
+
+def capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+def bound(kernel: str) -> float:
+    """Relative error allowed against float32 math for a bf16 call on Gaussian inputs."""
+    if kernel.startswith("comfy:"):
+        return 0.08
+    return A._KERNELS[kernel].tolerance
+
+
+def inputs(b=2, lq=1000, lk=77, h=4, d=128, dtype=torch.bfloat16, seed=0):
+    """q a transposed slice, k/v slices of one interleaved buffer (the model's fused-kv layout), on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq + 3, d, generator=gen).to(dtype).to(CUDA).transpose(1, 2)[:, 3:]
+    kv = torch.randn(b, lk, 2, h, d, generator=gen).to(dtype).to(CUDA)
+    return q, kv[:, :, 0], kv[:, :, 1]
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data pointer is one element (2 bytes for bf16) past a 256-byte boundary."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    view = flat[1:1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def reference(q, k, v, k_lens=None):
+    return math_attention(q.float(), k.float(), v.float(), k_lens)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh():
+    A.clear_cache()
+    yield
+    A.clear_cache()
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+def test_every_mode_resolves_and_matches_math(mode):
+    backend = resolve(mode, CUDA, torch.bfloat16)
+    torch.cuda.synchronize()  # a mode that cannot run here must have fallen back without a CUDA error
+    assert backend.kernel in backend.describe()
+    q, k, v = inputs()
+    cases = {"strided": (q, k, v, None), "padded keys": (q, k, v, torch.tensor([77, 40], device=CUDA)),
+             "self-attention, odd length": (q, q[:, :999], q[:, 1:], None),
+             "sliced": (q[:, ::2], k[:, 5:], v[:, 5:], None),
+             "misaligned": (misaligned(q.contiguous()), misaligned(k.contiguous()), v, None)}
+    for name, (cq, ck, cv, lens) in cases.items():
+        kernel = backend.kernel_for(cq, ck, cv)
+        out = backend(cq, ck, cv, lens)
+        torch.cuda.synchronize()
+        assert out.shape == cq.shape and out.is_contiguous() and out.dtype == torch.bfloat16, name
+        err = relative_error(out, reference(cq, ck, cv, None if lens is None else lens.cpu()))
+        assert err < bound(kernel), f"{mode} / {name}: {kernel} error {err:.4f}"
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "sageattn", "flash_attn_3"])
+def test_float32_inputs(mode):
+    backend = resolve(mode, CUDA, torch.float32)
+    q, k, v = inputs(dtype=torch.float32, lq=300)
+    out = backend(q, k, v)
+    assert out.dtype == torch.float32
+    kernel = backend.kernel_for(q, k, v)
+    if mode == "sdpa":
+        assert kernel == "sdpa_efficient"  # no float32 cast in the sdpa mode
+    assert relative_error(out, reference(q, k, v)) < (1e-3 if mode == "sdpa" else bound(kernel))
+
+
+def test_sdpa_picks_cudnn_on_hopper_and_guards_lengths():
+    if capability() not in ((9, 0), (10, 0), (10, 3)):
+        pytest.skip("cuDNN attention is preferred on sm_90/sm_100 only")
+    backend = resolve("sdpa", CUDA, torch.bfloat16)
+    assert backend.kernel == "sdpa_cudnn"
+    q, k, v = inputs(lq=1024, lk=512)
+    assert backend.kernel_for(q, k, v) == "sdpa_cudnn"
+    odd = inputs(lq=1000, lk=77)
+    fixed = (torch.backends.cudnn.version() or 0) > A.CUDNN_SEQ_FIX
+    assert backend.kernel_for(*odd) == ("sdpa_cudnn" if fixed else "sdpa_flash")
+
+
+@pytest.mark.parametrize("head_dim", [80, 384])
+def test_head_dims_of_clip_and_vae(head_dim):
+    backend = resolve("sageattn", CUDA, torch.bfloat16)
+    q, k, v = inputs(b=3, lq=257, lk=257, h=1 if head_dim == 384 else 4, d=head_dim)
+    out = backend(q, k, v)
+    assert relative_error(out, reference(q, k, v)) < bound(backend.kernel_for(q, k, v))
+
+
+def test_audio_attention_shapes():
+    """InfiniteTalk audio cross-attention: B·F rows, each frame's tokens attend to its own audio tokens."""
+    backend = resolve("sageattn", CUDA, torch.bfloat16)
+    frames, tokens, heads = 7, 30 * 52 // 4, 4
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, frames * tokens, heads, 128, generator=gen).bfloat16().to(CUDA)
+    kv = torch.randn(frames, 32, 2, heads, 128, generator=gen).bfloat16().to(CUDA)
+    qf = q.reshape(frames, tokens, heads, 128)
+    out = backend(qf, kv[:, :, 0], kv[:, :, 1])
+    kernel = backend.kernel_for(qf, kv[:, :, 0], kv[:, :, 1])
+    assert relative_error(out, reference(qf, kv[:, :, 0], kv[:, :, 1])) < bound(kernel)
+
+
+def test_sage3_modes_name_what_runs_off_blackwell():
+    if capability() in ((12, 0), (12, 1)):
+        pytest.skip("SageAttention 3 can run here")
+    for mode in ("sageattn_3", "sageattn_3_fp4"):
+        backend = resolve(mode, CUDA, torch.bfloat16)
+        assert backend.kernel != "sage3_fp4" and "sage3_fp4: needs sm_120" in backend.describe()
+
+
+def test_callers_k_is_never_modified():
+    q, k, v = inputs(lq=256, lk=256)
+    k = k.contiguous()
+    before = k.clone()
+    for mode in ATTENTION_MODES:
+        resolve(mode, CUDA, torch.bfloat16)(q, k, v)
+    torch.cuda.synchronize()
+    assert torch.equal(k, before)
+
+
+@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
+@pytest.mark.parametrize("outliers", [False, True])
+def test_triton_8bit_kernel(outliers):
+    """The pack's own 8-bit kernel (sm_90 only). Bounds: SageAttention 2's measured error on Gaussian inputs."""
+    if capability() != (9, 0):
+        pytest.skip("the Triton 8-bit kernel targets sm_90")
+    from infinitetalk import attention_triton as T
+
+    q, k, v = (t.contiguous() for t in inputs(b=1, lq=2000, lk=2000, h=4))
+    if outliers:  # a few large channels in q and k, as real activations have
+        q[..., :4] *= 8
+        k[..., :4] *= 8
+        k += 2
+    out = T.fp8_attention(q, k, v)
+    torch.cuda.synchronize()
+    err = relative_error(out, reference(q, k, v))
+    assert err < (0.08 if outliers else 0.05), err
+    assert math.isfinite(err) and out.is_contiguous()
