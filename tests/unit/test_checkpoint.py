@@ -165,8 +165,12 @@ def test_longcat_lora_and_truncated_files_are_named(ref, tmp_path):
         open_state_dict([tmp_path / "absent.safetensors"])
     gguf = tmp_path / "wan.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
-    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
         checkpoint.open_reader(gguf)
+    other = tmp_path / "wan.ckpt"
+    other.write_bytes(bytes(64))
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        checkpoint.open_reader(other)
 
 
 def test_bf16_loading(ref_1p, tmp_path):
