@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .audio_input import (SAMPLE_RATE, AudioPrepOptions, MultiAudioType, PreparedAudio, layout_tracks, mix_tracks,
-                          prepare_waveform)
+                          prepare_waveform, samples_for_frames)
 from .wav2vec import Wav2VecEncoder, wav2vec_features
 
 MAX_SPEAKERS = 4
@@ -141,10 +141,11 @@ def embed_audio(encoder: Wav2VecEncoder, audios: Sequence[Optional[Mapping]], op
     if all(s.silent for s in speakers):
         raise ValueError("every connected audio is silent, which would give a talking head that does not talk; "
                          "connect audio with speech, or use MultiTalk Silent Embeds for a silent clip")
-    feats = _features(encoder, speakers, mode, domain, options.prep.fps)
+    frames = options.prep.num_frames
+    feats = [f[:frames] for f in _features(encoder, speakers, mode, domain, options.prep.fps)]
     mixed = mix_tracks(layout_tracks([s.waveform for s in speakers], mode))
+    mixed = mixed[:samples_for_frames(feats[0].shape[0], options.prep.fps)]
     embeds = MultiTalkEmbeds(tuple(feats), options.audio_scale, options.audio_cfg_scale, ref_target_masks)
-    frames = min(options.prep.num_frames, embeds.num_frames)
     audio = {"waveform": mixed.reshape(1, 1, -1), "sample_rate": SAMPLE_RATE}
-    return EmbedResult(embeds, audio, frames, tuple(speakers))
+    return EmbedResult(embeds, audio, embeds.num_frames, tuple(speakers))
 

@@ -1,11 +1,21 @@
 """The InfiniteTalk long-video loop: windows of F frames overlapping by M motion frames, each denoised with the
-audio of its frames and conditioned on the reference image, decoded and streamed to a frame sink.
+audio of its frames and conditioned on the reference image, decoded, colour-matched and streamed to a frame sink.
 
 Per window (workflow-spec §5.4, model-spec §4.4): fresh noise from the run's seeded CPU generator; ``y`` = mask +
 VAE latent of [reference frame, zeros]; clean motion latents (the reference frame for the first window, the last M
 decoded frames afterwards) pasted over the first latent frames before every model call and after every update; a
-fresh scheduler; text/audio guidance; VAE decode; the frames not already emitted go to the sink. Only the motion
-frames survive a window, so host RAM and VRAM stay flat over any video length.
+fresh scheduler; text/audio guidance; VAE decode; colour matching against the window's reference frame; the frames
+not already emitted go to the sink. Only the motion frames survive a window (as a copy, so the decoded window can be
+freed), so host RAM and VRAM stay flat over any video length.
+
+Video-to-video (``LoopInputs.source``): window k starts from source latent frames ``[a, a + T)`` with
+``a = k · ((F - M - 1) // 4 + 1)`` (last frame repeated past the end); with ``add_noise_to_samples`` (forced by
+``denoise_strength < 1``) the start latent is ``noise · t0/1000 + (1 - t0/1000) · source`` (t0 = first timestep of
+the window's sliced schedule), else the source itself. A ``noise_mask`` drives differential diffusion: after step i
+of N (i < N - 1), latent cells whose mask value is ``<= i / N`` are reset to the source re-noised to the next noise
+level, ``(1 - σ_{i+1}) · source + σ_{i+1} · noise`` (same noise as the start latent); cells above the threshold keep
+the sampler's latent. Mask 1 = regenerate freely, 0 = keep the source, in between = follow the source for the first
+``(1 - mask)`` share of the steps. The clean motion latents are pasted after the blend.
 """
 from __future__ import annotations
 
@@ -15,20 +25,27 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..wanvideo.model import pad_context
-from ..wanvideo.sampling import SampleCallbacks, StepContext, StepReport, sample
+from ..wanvideo.sampling import PHASE_AFTER_STEP, SampleCallbacks, StepContext, StepReport, sample
 from ..wanvideo.schedulers import SchedulerRequest, build_scheduler
-from ..wanvideo.vae import WanVAE
+from ..wanvideo.schedulers.sigmas import NUM_TRAIN_TIMESTEPS, FlowScheduler
+from ..wanvideo.vae import WAN21_Z_DIM, WanVAE
+from .colormatch import ColorMatch, match_colors
 from .guidance import (PASS_COND, PASS_DROP_AUDIO, PASS_DROP_TEXT, PASS_UNCOND, GuidanceConfig,
                        make_guided_denoiser)
 from .frame_sink import FrameSink
-from .windows import Window, audio_windows, plan_windows
+from .windows import (Window, audio_windows, noise_mask_window, plan_windows, source_latent_offset,
+                      source_latent_window)
 
 MASK_CHANNELS = 4
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Scheduler and guidance of every window. ``cfg``/``audio_cfg`` are floats or per-step lists."""
+    """Scheduler and guidance of every window. ``cfg``/``audio_cfg`` are floats or per-step lists.
+
+    ``denoise_strength`` < 1 starts every window at step ``steps - int(steps · strength) - 1`` (workflow-spec
+    §2.19; not together with ``start_step``) and noises the V2V source; ``add_noise_to_samples`` noises it always.
+    """
 
     scheduler: str = "multitalk"
     steps: int = 40
@@ -39,6 +56,22 @@ class SamplerSettings:
     cfg: float | Sequence[float] = 5.0
     audio_cfg: float | Sequence[float] = 4.0
     batched_cfg: bool = False
+    denoise_strength: float = 1.0
+    add_noise_to_samples: bool = False
+
+    @property
+    def noise_source(self) -> bool:
+        """Whether V2V source latents are noised to the first timestep."""
+        return self.add_noise_to_samples or self.denoise_strength < 1.0
+
+
+@dataclass(frozen=True)
+class SourceVideo:
+    """Video-to-video source. latents: [16, T, H/8, W/8] float32 (WanVideoEncode of the source video, frame 0 alone
+    then groups of 4). noise_mask: [F, H', W'] float in [0, 1] per video frame (1 = regenerate), or None."""
+
+    latents: torch.Tensor
+    noise_mask: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +83,8 @@ class LoopInputs:
     prompts: per-window positive text embeddings [L_i, text_dim] (window k uses min(k, n-1)); negative: [L, text_dim].
     clip_context: [1, 257, 1280] CLIP tokens of the reference image, or None.
     ref_target_masks: [3, H, W] speaker / speaker / background masks (needed for two speakers), or None.
+    colormatch: colour matching of each window to its reference frame (disabled by default).
+    source: video-to-video source latents (and noise mask), or None for image-to-video.
     """
 
     start_images: torch.Tensor
@@ -62,20 +97,61 @@ class LoopInputs:
     clip_context: Optional[torch.Tensor] = None
     ref_target_masks: Optional[torch.Tensor] = None
     audio_scale: float = 1.0
+    colormatch: ColorMatch = ColorMatch()
+    source: Optional[SourceVideo] = None
 
 
 @dataclass
 class LoopCallbacks:
-    """Progress (window index, step index, steps per window, windows) and cancellation."""
+    """Progress (window index, step index, steps per window, windows), cancellation, and latent previews
+    ``on_preview(window index, step index, x0)`` with the step's x0 prediction [16, T_lat, h, w] float32 on the
+    loop's device (motion latent frames included)."""
 
     on_step: Optional[Callable[[int, int, int, int], None]] = None
     interrupted: Optional[Callable[[], bool]] = None
+    on_preview: Optional[Callable[[int, int, torch.Tensor], None]] = None
 
 
 @dataclass
 class _WindowState:
     motion_pixels: torch.Tensor
     generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One window's V2V source on the device: latents and noise [16, T, h, w], mask [1, T, h, w] or None."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+def add_noise_to_samples(noise: torch.Tensor, source: torch.Tensor, timestep: float) -> torch.Tensor:
+    """V2V start latent ``noise · t/1000 + (1 - t/1000) · source`` (t: DiT timestep in [0, 1000])."""
+    fraction = float(timestep) / NUM_TRAIN_TIMESTEPS
+    return noise * fraction + (1.0 - fraction) * source
+
+
+def differential_blend(x: torch.Tensor, source: _Source, ctx: StepContext) -> torch.Tensor:
+    """Differential diffusion after step ``ctx.step_index`` (see the module docstring); x [16, T, h, w]."""
+    if source.mask is None or ctx.step_index >= ctx.num_steps - 1:
+        return x
+    keep_generated = source.mask > ctx.step_index / ctx.num_steps
+    sigma = float(ctx.sigma)
+    renoised = (1.0 - sigma) * source.latents + sigma * source.noise
+    return torch.where(keep_generated, x, renoised)
+
+
+def _check_source(source: SourceVideo, height: int, width: int, vae_stride: int) -> None:
+    latents = source.latents
+    grid = (height // vae_stride, width // vae_stride)
+    if latents.dim() != 4 or latents.shape[0] != WAN21_Z_DIM or tuple(latents.shape[2:]) != grid:
+        raise ValueError(f"V2V source latents must be [{WAN21_Z_DIM}, T, {grid[0]}, {grid[1]}] for {width}x{height} "
+                         f"frames, got {tuple(latents.shape)}; resize the source video to the WanVideo Long I2V "
+                         "node's width/height before WanVideo Encode")
+    if source.noise_mask is not None and source.noise_mask.dim() != 3:
+        raise ValueError(f"noise_mask must be [frames, height, width], got {tuple(source.noise_mask.shape)}")
 
 
 def _check_inputs(inputs: LoopInputs, vae_stride: int) -> None:
@@ -89,6 +165,8 @@ def _check_inputs(inputs: LoopInputs, vae_stride: int) -> None:
         raise ValueError("two speakers need ref_target_masks [3, H, W]; none were given")
     if height % (2 * vae_stride) or width % (2 * vae_stride):
         raise ValueError(f"frame size {width}x{height} does not fit the VAE stride {vae_stride} and patch size 2")
+    if inputs.source is not None:
+        _check_source(inputs.source, height, width, vae_stride)
 
 
 class InfiniteTalkLoop:
@@ -100,6 +178,7 @@ class InfiniteTalkLoop:
         self.settings = settings
         self.device = torch.device(device)
 
+    @torch.no_grad()
     def run(self, inputs: LoopInputs, sink: FrameSink, callbacks: Optional[LoopCallbacks] = None) -> list[Window]:
         """Generate ``inputs.total_frames`` frames into ``sink``; returns the window plan that was run."""
         _check_inputs(inputs, self.vae.config.spatial_stride)
@@ -109,10 +188,10 @@ class InfiniteTalkLoop:
                              generator=torch.Generator("cpu").manual_seed(self.settings.seed))
         for window in plan:
             frames = self._window(inputs, window, state, callbacks, len(plan))
-            sink.write(((frames[window.emit_from:window.emit_from + window.emit_count] + 1) / 2).clamp(0, 1)
-                       .permute(0, 2, 3, 1).cpu())
-            state.motion_pixels = frames[window.emit_from + window.emit_count - inputs.motion_frame:
-                                         window.emit_from + window.emit_count]
+            end = window.emit_from + window.emit_count
+            sink.write(((frames[window.emit_from:end] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+            state.motion_pixels = frames[end - inputs.motion_frame:end].clone()
+            del frames
         return plan
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -127,32 +206,68 @@ class InfiniteTalkLoop:
         mask[:, 0] = 1.0
         return torch.cat([mask, latents])
 
+    def _scheduler(self, generator: torch.Generator) -> FlowScheduler:
+        s = self.settings
+        return build_scheduler(SchedulerRequest(name=s.scheduler, steps=s.steps, shift=s.shift, start_step=s.start_step,
+                                                end_step=s.end_step, denoise_strength=s.denoise_strength), generator)
+
+    def _source(self, inputs: LoopInputs, window: Window, noise: torch.Tensor) -> Optional[_Source]:
+        """The window's V2V source latents, noise and mask on the device (None without a source)."""
+        if inputs.source is None:
+            return None
+        offset = source_latent_offset(window.index, inputs.frame_window_size, inputs.motion_frame)
+        latents = source_latent_window(inputs.source.latents, offset, window.latent_frames).float()
+        mask = None
+        if inputs.source.noise_mask is not None:
+            mask = noise_mask_window(inputs.source.noise_mask, window.start, window.num_frames,
+                                     tuple(latents.shape[1:])).to(self.device)
+        return _Source(latents=latents.to(self.device), noise=noise, mask=mask)
+
+    def _start_latent(self, noise: torch.Tensor, source: Optional[_Source], scheduler: FlowScheduler) -> torch.Tensor:
+        if source is None:
+            return noise
+        if self.settings.noise_source:
+            return add_noise_to_samples(noise, source.latents, scheduler.timesteps[0])
+        return source.latents.clone()
+
     def _window(self, inputs: LoopInputs, window: Window, state: _WindowState, callbacks: LoopCallbacks,
                 windows: int) -> torch.Tensor:
-        """Denoise and decode one window; returns its frames [F, 3, H, W] in [-1, 1] on the CPU."""
+        """Denoise, decode and colour-match one window; returns its frames [F, 3, H, W] in [-1, 1] on the CPU."""
         reference = inputs.start_images[min(window.index, inputs.start_images.shape[0] - 1)]
         y = self._conditioning(reference, window)
         motion_source = state.motion_pixels if window.index else reference[None]
         motion = self._encode(motion_source)[:, :window.motion_latent_frames]
-        noise = torch.randn(y.shape[0] - MASK_CHANNELS, *y.shape[1:], generator=state.generator)
-        scheduler = build_scheduler(SchedulerRequest(
-            name=self.settings.scheduler, steps=self.settings.steps, shift=self.settings.shift,
-            start_step=self.settings.start_step, end_step=self.settings.end_step), state.generator)
-        predict = _Predictor(self, inputs, window, y)
+        noise = torch.randn(y.shape[0] - MASK_CHANNELS, *y.shape[1:], generator=state.generator).to(self.device)
+        scheduler = self._scheduler(state.generator)
+        source = self._source(inputs, window, noise)
         guidance = GuidanceConfig(text_scale=self.settings.cfg, audio_scale=self.settings.audio_cfg)
-        denoise = make_guided_denoiser(predict, guidance)
+        denoise = make_guided_denoiser(_Predictor(self, inputs, window, y), guidance)
 
-        def paste_motion(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        def latent_hook(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+            if source is not None and ctx.phase == PHASE_AFTER_STEP:
+                x = differential_blend(x, source, ctx)
             x[:, :motion.shape[1]] = motion
             return x
 
-        def report(step: StepReport) -> None:
-            if callbacks.on_step is not None:
-                callbacks.on_step(window.index, step.step_index, step.num_steps, windows)
+        result = sample(denoise, self._start_latent(noise, source, scheduler), scheduler,
+                        _sample_callbacks(callbacks, latent_hook, window.index, windows))
+        frames = self.vae.decode(result.latent[None])[0].permute(1, 0, 2, 3)
+        return match_colors(frames, reference, inputs.colormatch).cpu()
 
-        result = sample(denoise, noise.to(self.device), scheduler,
-                        SampleCallbacks(latent_hook=paste_motion, on_step=report, interrupted=callbacks.interrupted))
-        return self.vae.decode(result.latent[None])[0].permute(1, 0, 2, 3).cpu()
+
+def _sample_callbacks(callbacks: LoopCallbacks, hook: Callable[[torch.Tensor, StepContext], torch.Tensor],
+                      window_index: int, windows: int) -> SampleCallbacks:
+    """The step loop's callbacks for one window (no per-step report unless progress or previews are wanted)."""
+    if callbacks.on_step is None and callbacks.on_preview is None:
+        return SampleCallbacks(latent_hook=hook, interrupted=callbacks.interrupted)
+
+    def report(step: StepReport) -> None:
+        if callbacks.on_step is not None:
+            callbacks.on_step(window_index, step.step_index, step.num_steps, windows)
+        if callbacks.on_preview is not None:
+            callbacks.on_preview(window_index, step.step_index, step.denoised)
+
+    return SampleCallbacks(latent_hook=hook, on_step=report, interrupted=callbacks.interrupted)
 
 
 class _Predictor:

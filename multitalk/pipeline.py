@@ -15,12 +15,13 @@ import torch
 from ..attention import resolve
 from ..fp8_optimization import QuantMode, ops_for
 from ..wanvideo.checkpoint import LoadOptions
+from .colormatch import DISABLED, ColorMatch
 from .embeds import MultiTalkEmbeds
-from .loop import LoopInputs
+from .loop import LoopInputs, SourceVideo
 from .model import InfiniteTalkModel, load_infinitetalk
 
 BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp16_fast": torch.float16}
-COLORMATCH_MODES = ("disabled", "mkl", "hm", "reinhard", "mvgd", "hm-mvgd-hm", "hm-mkl-hm")
+COLORMATCH_MODES = (DISABLED, "mkl", "hm", "reinhard", "mvgd", "hm-mvgd-hm", "hm-mkl-hm")
 LOOP_MODES = ("auto", "multitalk", "infinitetalk")
 
 
@@ -55,9 +56,6 @@ def load_transformer(request: ModelRequest, device: torch.device) -> InfiniteTal
     if request.base_precision not in BASE_PRECISIONS:
         raise ValueError(f"unknown base_precision {request.base_precision!r}; choose one of "
                          f"{', '.join(BASE_PRECISIONS)}")
-    if request.base_path.suffix == ".gguf" or (request.adapter_path and request.adapter_path.suffix == ".gguf"):
-        raise ValueError("GGUF model files are not supported by this version yet; use a .safetensors model "
-                         "(bf16, fp16 or fp8) in models/diffusion_models")
     dtype = BASE_PRECISIONS[request.base_precision]
     options = LoadOptions(dtype=dtype, ops=ops_for(QuantMode.parse(request.quantization)),
                           attention=resolve(request.attention_mode, device, dtype))
@@ -101,11 +99,8 @@ def image_to_video_embeds(width: int, height: int, frame_window_size: int, motio
     window = (frame_window_size - 1) // 4 * 4 + 1
     if not 1 <= motion_frame < window:
         raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_window_size ({window})")
-    if options.get("colormatch", "disabled") not in COLORMATCH_MODES:
-        raise ValueError(f"unknown colormatch {options['colormatch']!r}")
-    if options.get("colormatch", "disabled") != "disabled":
-        raise ValueError("colour matching between windows is not available in this version yet; set colormatch "
-                         "to 'disabled'")
+    if options.get("colormatch", DISABLED) not in COLORMATCH_MODES:
+        raise ValueError(f"unknown colormatch {options['colormatch']!r}; choose one of {', '.join(COLORMATCH_MODES)}")
     images = None
     if start_image is not None:
         pixels = start_image[..., :3].permute(0, 3, 1, 2).float()
@@ -146,9 +141,30 @@ def _resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return masks
 
 
+def source_video(samples: Mapping) -> SourceVideo:
+    """WanVideoEncode's LATENT dict ``{"samples": [1, 16, T, H/8, W/8], "noise_mask": MASK or None}`` -> the loop's
+    V2V source (latents [16, T, h, w] float32; mask [F, H', W'] float32, a 2-D mask counts as one frame). The loop
+    checks that the latent grid fits the video size."""
+    latents = samples.get("samples") if isinstance(samples, Mapping) else None
+    if latents is None or latents.dim() != 5 or latents.shape[0] != 1:
+        shape = None if latents is None else tuple(latents.shape)
+        raise ValueError(f"samples must be a LATENT from WanVideo Encode holding [1, 16, T, h, w] latents, got {shape}")
+    mask = samples.get("noise_mask")
+    if mask is not None:
+        mask = mask.float()
+        if mask.dim() == 2:
+            mask = mask[None]
+        if mask.dim() != 3:
+            raise ValueError(f"noise_mask must be a MASK [frames, height, width], got {tuple(mask.shape)}")
+    return SourceVideo(latents=latents[0].float(), noise_mask=mask)
+
+
 def loop_inputs(image_embeds: Mapping, text_embeds: Mapping, multitalk_embeds: Mapping,
-                num_frames_cap: Optional[int] = None) -> LoopInputs:
-    """Sampler sockets -> :class:`LoopInputs`. The audio decides the length (capped by ``num_frames_cap``)."""
+                num_frames_cap: Optional[int] = None, samples: Optional[Mapping] = None) -> LoopInputs:
+    """Sampler sockets -> :class:`LoopInputs`. The audio decides the length (capped by ``num_frames_cap``).
+
+    ``samples``: the sampler's optional LATENT input (video-to-video source, see :func:`source_video`).
+    """
     embeds = MultiTalkEmbeds.from_dict(multitalk_embeds)
     start = image_embeds.get("multitalk_start_image")
     if start is None:
@@ -170,7 +186,9 @@ def loop_inputs(image_embeds: Mapping, text_embeds: Mapping, multitalk_embeds: M
                       prompts=[p.float() for p in prompts], negative=negative[0].float(), total_frames=total,
                       frame_window_size=image_embeds["frame_window_size"], motion_frame=image_embeds["motion_frame"],
                       clip_context=image_embeds.get("clip_context"), ref_target_masks=masks,
-                      audio_scale=embeds.audio_scale)
+                      audio_scale=embeds.audio_scale,
+                      colormatch=ColorMatch(method=image_embeds.get("colormatch", DISABLED)),
+                      source=None if samples is None else source_video(samples))
 
 
 def scale_list(value, steps: int) -> float | list[float]:

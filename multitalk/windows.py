@@ -89,3 +89,34 @@ def audio_windows(features: torch.Tensor, start: int, num_frames: int) -> torch.
     offsets = torch.arange(-half, half + 1)[None, :]
     index = (centres + offsets).clamp(0, features.shape[0] - 1)
     return features[index]
+
+
+def source_latent_offset(index: int, frame_window_size: int, motion_frame: int) -> int:
+    """First source latent frame of window ``index`` in video-to-video (workflow-spec §5.4 step 4):
+    ``a = k · ((F - M - 1) // 4 + 1)`` with F the window size rounded to 4k + 1 (0 for the first window)."""
+    window = round_window_size(frame_window_size)
+    return index * ((window - motion_frame - 1) // 4 + 1)
+
+
+def source_latent_window(latents: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """Latent frames ``offset .. offset+count-1`` of source latents [C, T, h, w] -> [C, count, h, w]; frames past
+    the end repeat the source's last latent frame."""
+    if latents.dim() != 4 or latents.shape[1] < 1:
+        raise ValueError(f"source latents must be [channels, frames, h, w] with at least one frame, got "
+                         f"{tuple(latents.shape)}")
+    index = torch.arange(offset, offset + count).clamp(max=latents.shape[1] - 1)
+    return latents[:, index]
+
+
+def noise_mask_window(mask: torch.Tensor, start: int, num_frames: int, latent_shape: tuple[int, int, int]
+                      ) -> torch.Tensor:
+    """The V2V noise mask of video frames ``start .. start+num_frames-1`` on the window's latent grid.
+
+    mask: [F_mask, H, W] float (frames past its end repeat the last one). latent_shape: (T, h, w).
+    Returns [1, T, h, w] float32: the frames trilinearly resized (align_corners False) to the latent grid.
+    """
+    if mask.dim() != 3 or mask.shape[0] < 1:
+        raise ValueError(f"noise_mask must be [frames, height, width], got {tuple(mask.shape)}")
+    index = torch.arange(start, start + num_frames).clamp(max=mask.shape[0] - 1)
+    frames = mask[index].float()[None, None]
+    return torch.nn.functional.interpolate(frames, size=latent_shape, mode="trilinear", align_corners=False)[0]

@@ -30,6 +30,7 @@ class Profile:
     suffix: str
     transformer: str
     adapter: str
+    adapter_multi: str
     vae: str
     text_encoder: str
     clip_vision: str
@@ -46,7 +47,8 @@ class Profile:
 
 REAL = Profile(
     suffix="", transformer="wan2.1-i2v-14b-480p_fp8_e4m3fn.safetensors",
-    adapter="Wan2_1-InfiniteTalk_Single_fp16.safetensors", vae="Wan2_1_VAE_bf16.safetensors",
+    adapter="Wan2_1-InfiniteTalk_Single_fp16.safetensors",
+    adapter_multi="Wan2_1-InfiniteTalk_Multi_fp16.safetensors", vae="Wan2_1_VAE_bf16.safetensors",
     text_encoder="umt5-xxl-enc-bf16.safetensors", clip_vision="clip_vision_h.safetensors",
     wav2vec="wav2vec2-chinese-base_fp16.safetensors", precision="bf16", width=832, height=480, window=81, motion=9,
     steps=40, max_frames=1000,
@@ -61,7 +63,8 @@ REAL = Profile(
 
 TINY = Profile(
     suffix="_tiny_demo", transformer="infinitetalk_tiny/wan2.1_i2v_tiny.safetensors",
-    adapter="infinitetalk_tiny/infinitetalk_single_tiny.safetensors", vae="wan2.1_vae_tiny.safetensors",
+    adapter="infinitetalk_tiny/infinitetalk_single_tiny.safetensors",
+    adapter_multi="infinitetalk_tiny/infinitetalk_single_tiny.safetensors", vae="wan2.1_vae_tiny.safetensors",
     text_encoder="umt5_tiny.safetensors", clip_vision="clip_vision_tiny.safetensors",
     wav2vec="wav2vec2_tiny.safetensors", precision="fp32", width=256, height=256, window=33, motion=9, steps=4,
     max_frames=100,
@@ -70,33 +73,36 @@ TINY = Profile(
           "noise. For real videos open `infinitetalk_i2v.json` and put the real model files in place."))
 
 
-def infinitetalk_i2v(p: Profile) -> Graph:
-    """Single-speaker image-to-video: portrait + speech -> talking video with the speech as its soundtrack."""
-    g = Graph()
-    g.note(p.note, (-460, 0))
-    adapter = g.add("MultiTalkModelLoader", (0, 0), model=p.adapter)
+def _models(g: Graph, p: Profile, adapter_file: str, prompt: str):
+    """Transformer (+ adapter), VAE and cached text encoder; returns (model, vae, text) nodes."""
+    adapter = g.add("MultiTalkModelLoader", (0, 0), model=adapter_file)
     model = g.add("WanVideoModelLoader", (0, 140), model=p.transformer, base_precision=p.precision,
                   quantization="disabled", load_device="offload_device", attention_mode="sdpa")
     g.link(adapter, 0, model, "multitalk_model")
     vae = g.add("WanVideoVAELoader", (0, 380), model_name=p.vae, precision=p.precision)
     text = g.add("WanVideoTextEncodeCached", (0, 520), model_name=p.text_encoder, precision=p.precision,
-                 positive_prompt="a person is talking to the camera, natural head motion",
+                 positive_prompt=prompt,
                  negative_prompt=NEGATIVE, use_disk_cache=False, device="gpu")
-    image = g.add("LoadImage", (420, 0), image="sample_portrait.png")
+    return model, vae, text
+
+
+def _image_conditioning(g: Graph, p: Profile, image_file: str, vae, width: int, height: int):
+    """Start image, its CLIP tokens and the long-video setup; returns (image, i2v) nodes."""
+    image = g.add("LoadImage", (420, 0), image=image_file)
     clip = g.add("LoadWanVideoClipTextEncoder", (420, 360), model_name=p.clip_vision, precision=p.precision)
     clip_embeds = g.add("WanVideoClipVisionEncode", (420, 500), crop="center", combine_embeds="average")
     g.link(clip, 0, clip_embeds, "clip_vision")
     g.link(image, 0, clip_embeds, "image_1")
-    audio = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
-    wav2vec = g.add("Wav2VecModelLoader", (840, 180), model=p.wav2vec, base_precision=p.precision)
-    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 320), num_frames=p.max_frames, fps=25.0)
-    g.link(wav2vec, 0, embeds, "wav2vec_model")
-    g.link(audio, 0, embeds, "audio_1")
-    i2v = g.add("WanVideoImageToVideoMultiTalk", (1260, 0), width=p.width, height=p.height,
+    i2v = g.add("WanVideoImageToVideoMultiTalk", (1260, 0), width=width, height=height,
                 frame_window_size=p.window, motion_frame=p.motion, mode="infinitetalk")
     g.link(vae, 0, i2v, "vae")
     g.link(image, 0, i2v, "start_image")
     g.link(clip_embeds, 0, i2v, "clip_embeds")
+    return image, i2v
+
+
+def _sample_and_save(g: Graph, p: Profile, model, i2v, text, embeds, prefix: str) -> None:
+    """Sampler -> frames -> mp4 with the processed speech as soundtrack."""
     sampler = g.add("WanVideoSampler", (1260, 360), steps=p.steps, cfg=1.0, shift=7.0, seed=42,
                     scheduler="multitalk")
     for source, name in ((model, "model"), (i2v, "image_embeds"), (text, "text_embeds"),
@@ -107,12 +113,49 @@ def infinitetalk_i2v(p: Profile) -> Graph:
     video = g.add("CreateVideo", (1680, 160), fps=25.0)
     g.link(frames, 0, video, "images")
     g.link(embeds, 1, video, "audio")
-    save = g.add("SaveVideo", (1680, 320), filename_prefix="InfiniteTalk/infinitetalk")
+    save = g.add("SaveVideo", (1680, 320), filename_prefix=prefix)
     g.link(video, 0, save, "video")
+
+
+def infinitetalk_i2v(p: Profile) -> Graph:
+    """Single-speaker image-to-video: portrait + speech -> talking video with the speech as its soundtrack."""
+    g = Graph()
+    g.note(p.note, (-460, 0))
+    model, vae, text = _models(g, p, p.adapter, "a person is talking to the camera, natural head motion")
+    _, i2v = _image_conditioning(g, p, "sample_portrait.png", vae, p.width, p.height)
+    audio = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
+    wav2vec = g.add("Wav2VecModelLoader", (840, 180), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 320), num_frames=p.max_frames, fps=25.0)
+    g.link(wav2vec, 0, embeds, "wav2vec_model")
+    g.link(audio, 0, embeds, "audio_1")
+    _sample_and_save(g, p, model, i2v, text, embeds, "InfiniteTalk/infinitetalk")
     return g
 
 
-GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v}
+def infinitetalk_two_speakers(p: Profile) -> Graph:
+    """Two speakers taking turns (multi_audio_type add): speaker 1 on the left half, speaker 2 on the right."""
+    g = Graph()
+    g.note(p.note + TWO_SPEAKER_NOTE, (-460, 0))
+    model, vae, text = _models(g, p, p.adapter_multi, "two people talking to each other, natural head motion")
+    wide = p.width * 9 // 16 // 16 * 16
+    _, i2v = _image_conditioning(g, p, "sample_two_people.png", vae, p.width, wide)
+    first = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
+    second = g.add("LoadAudio", (840, 150), audio="sample_speech_2.mp3")
+    wav2vec = g.add("Wav2VecModelLoader", (840, 300), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 440), num_frames=p.max_frames, fps=25.0, multi_audio_type="add")
+    g.link(wav2vec, 0, embeds, "wav2vec_model")
+    g.link(first, 0, embeds, "audio_1")
+    g.link(second, 0, embeds, "audio_2")
+    _sample_and_save(g, p, model, i2v, text, embeds, "InfiniteTalk/two_speakers")
+    return g
+
+
+TWO_SPEAKER_NOTE = ("\n\n### Two speakers\n\nUse the InfiniteTalk **multi** adapter. Without a `ref_target_masks` "
+                    "input the left and right halves of the picture are the two speakers. `add` plays the speeches "
+                    "one after the other; `para` plays them at the same time.")
+
+
+GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v, "infinitetalk_two_speakers": infinitetalk_two_speakers}
 PROFILES = (REAL, TINY)
 
 

@@ -63,11 +63,12 @@ def test_upstream_workflow_loads_and_widgets_map(comfy_server, path, tmp_path):
         assert not values, f"{node['type']} has {len(values)} saved widget values more than it has widgets"
 
 
-def test_tiny_demo_converts_like_the_api_path_and_runs(comfy_server, tmp_path):
+@pytest.mark.parametrize("path", sorted(WORKFLOWS_DIR.glob("*_tiny_demo.json")), ids=lambda p: p.stem)
+def test_tiny_demo_converts_like_the_api_path_and_runs(comfy_server, tmp_path, path):
     make_tiny_models(comfy_server.models_dir)
     for asset in (WORKFLOWS_DIR / "assets").iterdir():
         (comfy_server.input_dir / asset.name).write_bytes(asset.read_bytes())
-    workflow = json.loads((WORKFLOWS_DIR / "infinitetalk_i2v_tiny_demo.json").read_text())
+    workflow = json.loads(path.read_text())
     expected = ui_to_api(workflow, comfy_server.object_info())
     with comfy_page(comfy_server) as page:
         page.load_workflow(workflow)

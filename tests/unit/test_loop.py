@@ -1,5 +1,6 @@
 """The long-video loop on tiny real models (fixture weights): frame count equals the audio's, windows chain through
-their motion frames, runs are reproducible by seed, frames stream to PNG files."""
+their motion frames, runs are reproducible by seed, frames stream to PNG files, per-window prompts, latent previews,
+colour matching of every window to its reference frame."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from infinitetalk.multitalk.colormatch import ColorMatch, srgb_to_lab
 from infinitetalk.multitalk.frame_sink import MemorySink, PngSink
 from infinitetalk.multitalk.loop import InfiniteTalkLoop, LoopCallbacks, LoopInputs, SamplerSettings
 from infinitetalk.multitalk.model import load_infinitetalk
+from infinitetalk.multitalk.windows import plan_windows
 from infinitetalk.wanvideo.checkpoint import LoadOptions
 from infinitetalk.wanvideo.vae import load_vae
 
 HEIGHT, WIDTH = 32, 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +44,7 @@ def models(fixtures_dir, tmp_path_factory):
     return model, load_vae(folder / "vae.safetensors", "fp32")
 
 
-def _inputs(model, total_frames: int, speakers: int = 1) -> LoopInputs:
+def _inputs(model, total_frames: int, speakers: int = 1, **extra) -> LoopInputs:
     gen = torch.Generator().manual_seed(7)
     acfg = model.config.audio
     text_dim = model.config.text_dim
@@ -48,7 +59,7 @@ def _inputs(model, total_frames: int, speakers: int = 1) -> LoopInputs:
                         for _ in range(speakers)],
         prompts=[torch.randn(5, text_dim, generator=gen)], negative=torch.randn(4, text_dim, generator=gen),
         total_frames=total_frames, frame_window_size=9, motion_frame=5,
-        clip_context=torch.randn(1, 257, 1280, generator=gen), ref_target_masks=masks)
+        clip_context=torch.randn(1, 257, 1280, generator=gen), ref_target_masks=masks, **extra)
 
 
 def _run(models, inputs, settings, sink=None, callbacks=None):
@@ -105,3 +116,51 @@ def test_bad_size_is_rejected_with_a_fix():
                      prompts=[torch.zeros(3, 8)], negative=torch.zeros(3, 8), total_frames=9)
     with pytest.raises(ValueError, match="divisible by 16"):
         _check_inputs(bad, 8)
+
+
+@pytest.mark.parametrize("total", [1, 81, 82, 150, 400])
+def test_plan_emits_the_audio_frames_at_tiny_and_default_sizes(total):
+    for window, motion in ((9, 5), (81, 9)):
+        plan = plan_windows(total, window, motion)
+        assert sum(w.emit_count for w in plan) == total
+        assert all(w.num_frames <= window and w.emit_from + w.emit_count <= w.num_frames for w in plan)
+
+
+@pytest.mark.parametrize("total,window", [(1, 9), (81, 81), (82, 81)])
+def test_video_has_the_audio_frame_count(models, total, window):
+    inputs = _inputs(models[0], total_frames=total)
+    inputs = LoopInputs(**{**inputs.__dict__, "frame_window_size": window, "motion_frame": 9 if window == 81 else 5})
+    plan, video = _run(models, inputs, SamplerSettings(scheduler="euler", steps=1, cfg=1.0, audio_cfg=1.0))
+    assert video.shape == (total, HEIGHT, WIDTH, 3)
+    assert [w.num_frames for w in plan] == {1: [1], 81: [81], 82: [81, 13]}[total]
+
+
+def test_window_prompts_and_latent_previews(models):
+    model = models[0]
+    base = _inputs(model, total_frames=13)
+    second = torch.randn(7, model.config.text_dim, generator=torch.Generator().manual_seed(9))
+    settings = SamplerSettings(scheduler="euler", steps=2, shift=5.0, seed=2, cfg=1.0, audio_cfg=1.0)
+    previews = []
+    callbacks = LoopCallbacks(on_preview=lambda w, s, x0: previews.append((w, s, tuple(x0.shape))))
+    _, one = _run(models, base, settings, callbacks=callbacks)
+    _, two = _run(models, LoopInputs(**{**base.__dict__, "prompts": [base.prompts[0], second]}), settings)
+    assert torch.equal(one[:9], two[:9]) and not torch.allclose(one[9:], two[9:], atol=1e-4)
+    latent = (16, 3, HEIGHT // 8, WIDTH // 8)
+    assert previews == [(0, 0, latent), (0, 1, latent), (1, 0, latent), (1, 1, latent)]
+
+
+def test_colour_matching_pulls_every_window_to_the_reference(models):
+    settings = SamplerSettings(scheduler="euler", steps=1, shift=5.0, seed=6, cfg=1.0, audio_cfg=1.0)
+    inputs = _inputs(models[0], total_frames=13)
+    _, raw = _run(models, inputs, settings)
+    _, matched = _run(models, LoopInputs(**{**inputs.__dict__, "colormatch": ColorMatch("lab")}), settings)
+    _, hm = _run(models, LoopInputs(**{**inputs.__dict__, "colormatch": ColorMatch("hm-mkl-hm")}), settings)
+    assert matched.shape == raw.shape == hm.shape
+    ref_mean = srgb_to_lab((inputs.start_images[0] + 1) / 2).mean((-2, -1))
+
+    def lab_error(video):
+        return (srgb_to_lab(video.permute(0, 3, 1, 2)).mean((-2, -1)) - ref_mean).abs().max()
+
+    # random-pixel reference: part of its Lab spread is out of gamut, so clipping leaves a small residual
+    assert lab_error(matched) < min(5.0, 0.2 * lab_error(raw))
+    assert not torch.allclose(hm, raw, atol=1e-3)
