@@ -561,9 +561,11 @@ class BlockSwapper:
         return views
 
     def _bind(self, b: int, views: Sequence[torch.Tensor]) -> None:
+        """Point block ``b``'s parameters and buffers at ``views`` (new Parameter objects, so parameters created under
+        ComfyUI's inference mode do not turn the normal arena views into half-inference tensors)."""
         for module, name, is_param, i in self._targets[b]:
             if is_param:
-                module._parameters[name].data = views[i]
+                module._parameters[name] = nn.Parameter(views[i], requires_grad=False)
             else:
                 module._buffers[name] = views[i]
 

@@ -7,12 +7,14 @@ result. No tensor math lives here apart from named socket-format conversions.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import folder_paths
 import torch
 
 from .attention import ATTENTION_MODES, register_external
+from .blockswap import BlockSwapper, block_nbytes, estimate_activation_bytes, plan_block_swap
 from .fp8_optimization import QUANT_MODES
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
@@ -21,6 +23,7 @@ from .multitalk.frame_sink import MemorySink, PngSink
 from .multitalk.loop import InfiniteTalkLoop, LoopCallbacks, SamplerSettings
 from .multitalk.wav2vec import load_wav2vec
 from .wanvideo.clip_vision import CLIPLoadOptions, CLIPVisionTower, load_clip_vision
+from .wanvideo.lora import apply_lora_entries
 from .wanvideo.schedulers import SCHEDULER_NAMES
 from .wanvideo.text_cache import EncoderIdentity, TextEmbedCache
 from .wanvideo.text_encoder import T5LoadOptions, encode_text_embeds, load_text_encoder
@@ -33,6 +36,8 @@ WAV2VEC_REPOS = ["TencentGameMate/chinese-wav2vec2-base", "facebook/wav2vec2-bas
 
 if "wav2vec2" not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path("wav2vec2", os.path.join(folder_paths.models_dir, "wav2vec2"))
+if "unet_gguf" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["unet_gguf"] = (folder_paths.get_folder_paths("diffusion_models"), {".gguf"})
 
 
 def _register_comfy_attention() -> None:
@@ -61,8 +66,7 @@ def _device(choice: str = "main_device") -> torch.device:
 
 
 def _diffusion_model_files() -> list[str]:
-    return folder_paths.get_filename_list("unet_gguf") + folder_paths.get_filename_list("diffusion_models") \
-        if "unet_gguf" in folder_paths.folder_names_and_paths else folder_paths.get_filename_list("diffusion_models")
+    return folder_paths.get_filename_list("unet_gguf") + folder_paths.get_filename_list("diffusion_models")
 
 
 def _diffusion_model_path(name: str) -> Path:
@@ -91,7 +95,7 @@ class WanVideoBlockSwap:
                 "offload_txt_emb": ("BOOLEAN", _tip("Keep the text embedder in host RAM.", default=False)),
             },
             "optional": {
-                "use_non_blocking": ("BOOLEAN", _tip("Asynchronous copies (always on with pinned memory).",
+                "use_non_blocking": ("BOOLEAN", _tip("Copy blocks on separate streams so copies overlap compute.",
                                                      default=False)),
                 "vace_blocks_to_swap": ("INT", _tip("VACE blocks to swap (no VACE in InfiniteTalk).",
                                                     default=0, min=0, max=15, step=1)),
@@ -330,7 +334,7 @@ class WanVideoModelLoader:
                   block_swap_args=None, lora=None, vram_management_args=None, extra_model=None,
                   fantasytalking_model=None, multitalk_model=None, fantasyportrait_model=None,
                   rms_norm_function="default", vace_model=None):
-        unsupported = {"lora": lora, "vram_management_args": vram_management_args,
+        unsupported = {"vram_management_args": vram_management_args,
                        "extra_model": extra_model or vace_model, "fantasytalking_model": fantasytalking_model,
                        "fantasyportrait_model": fantasyportrait_model}
         connected = [name for name, value in unsupported.items() if value]
@@ -342,8 +346,9 @@ class WanVideoModelLoader:
                                         base_precision=base_precision, quantization=quantization,
                                         attention_mode=attention_mode)
         transformer = pipeline.load_transformer(request, _device("main_device"))
+        loras = apply_lora_entries(transformer, lora)
         model_type = multitalk_model["model_type"] if multitalk_model else "InfiniteTalk"
-        return (pipeline.TransformerHandle(transformer, request, model_type, block_swap_args, compile_args),)
+        return (pipeline.TransformerHandle(transformer, request, model_type, block_swap_args, compile_args, loras),)
 
 
 class WanVideoSetBlockSwap:
@@ -835,7 +840,7 @@ class WanVideoImageToVideoMultiTalk:
         return (embeds.to_dict(vae), output_path)
 
 
-SAMPLER_UNSUPPORTED = ("samples", "feta_args", "context_options", "cache_args", "flowedit_args", "slg_args",
+SAMPLER_UNSUPPORTED = ("feta_args", "context_options", "cache_args", "flowedit_args", "slg_args",
                        "loop_args", "experimental_args", "sigmas", "unianimate_poses", "fantasytalking_embeds",
                        "uni3c_embeds", "freeinit_args", "teacache_args")
 
@@ -863,7 +868,7 @@ class WanVideoSampler:
             },
             "optional": {
                 "text_embeds": ("WANVIDEOTEXTEMBEDS", _tip("Prompt embeddings.")),
-                "samples": ("LATENT", _tip("Source latents for video-to-video (not supported yet).")),
+                "samples": ("LATENT", _tip("Source latents for video-to-video (from WanVideo Encode).")),
                 "denoise_strength": ("FLOAT", _tip("Share of the schedule to run.", default=1.0, min=0.0, max=1.0,
                                                    step=0.01)),
                 **socket,
@@ -908,18 +913,48 @@ class WanVideoSampler:
             raise ValueError("WanVideoSampler: this pack samples InfiniteTalk videos: connect image_embeds from "
                              "WanVideo Long I2V Multi/InfiniteTalk, multitalk_embeds and text_embeds")
         pipeline.check_loop_mode(image_embeds.get("multitalk_mode", "auto"), model.model_type)
-        inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds)
+        inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds, samples=options.get("samples"))
         settings = SamplerSettings(scheduler=scheduler, steps=steps, shift=shift, seed=seed, start_step=start_step,
                                    end_step=end_step, cfg=pipeline.scale_list(cfg, steps),
                                    audio_cfg=float(multitalk_embeds.get("audio_cfg_scale", 1.0)),
-                                   batched_cfg=batched_cfg)
+                                   batched_cfg=batched_cfg, denoise_strength=denoise_strength,
+                                   add_noise_to_samples=bool(options.get("add_noise_to_samples", False)))
         return _run_loop(model, image_embeds, inputs, settings, force_offload)
+
+
+@contextmanager
+def _placed(handle, device: torch.device, tokens: int, passes: int, force_offload: bool):
+    """Put the transformer on ``device`` for one run: whole, or with its blocks streamed by the block swapper.
+    Afterwards the swapper lets go of its slots and, with ``force_offload``, the weights go back to the offload
+    device so other nodes get the VRAM."""
+    mm = _model_management()
+    model, args = handle.model, handle.block_swap_args or {}
+    swapper = None
+    if args:
+        for name, child in model.named_children():
+            if name != "blocks":
+                child.to(device)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mm.get_free_memory(device)
+        activations = estimate_activation_bytes(tokens, model.config.dim, model.config.ffn_dim, batch=passes)
+        plan = plan_block_swap(args, [block_nbytes(b) for b in model.blocks], free, activations)
+        if plan.swapped:
+            swapper = BlockSwapper.attach(model.blocks, plan, device)
+    if swapper is None:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if swapper is not None:
+            swapper.detach()
+        if force_offload:
+            model.to(mm.unet_offload_device())
+            mm.soft_empty_cache()
 
 
 def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, force_offload: bool):
     mm = _model_management()
     device = mm.get_torch_device()
-    transformer, vae = handle.model.to(device), image_embeds["vae"].to(device)
+    vae = image_embeds["vae"].to(device)
     output_path = image_embeds.get("output_path") or ""
     sink = PngSink(Path(output_path)) if output_path else MemorySink()
     bar = _progress(1)
@@ -927,13 +962,12 @@ def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, for
     def on_step(window, step, steps, windows):
         bar.update_absolute(window * steps + step + 1, windows * steps)
 
-    callbacks = LoopCallbacks(on_step=on_step, interrupted=mm.processing_interrupted)
-    try:
+    callbacks = LoopCallbacks(on_step=on_step, interrupted=mm.processing_interrupted,
+                              before_model=handle.loras.set_step if handle.loras else None)
+    _, lat_t, lat_h, lat_w = image_embeds["target_shape"]
+    passes = 3 if settings.batched_cfg else 1
+    with _placed(handle, device, lat_t * (lat_h // 2) * (lat_w // 2), passes, force_offload) as transformer:
         InfiniteTalkLoop(transformer, vae, settings, device).run(inputs, sink, callbacks)
-    finally:
-        if force_offload:
-            handle.model.to(mm.unet_offload_device())
-            mm.soft_empty_cache()
     frames = sink.result()
     video = torch.zeros(1, 64, 64, 3) if frames is None else frames * 2 - 1
     result = {"video": video, "output_path": output_path}

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..wanvideo.model import pad_context
-from ..wanvideo.sampling import PHASE_AFTER_STEP, SampleCallbacks, StepContext, StepReport, sample
+from ..wanvideo.sampling import PHASE_AFTER_STEP, PHASE_BEFORE_MODEL, SampleCallbacks, StepContext, StepReport, sample
 from ..wanvideo.schedulers import SchedulerRequest, build_scheduler
 from ..wanvideo.schedulers.sigmas import NUM_TRAIN_TIMESTEPS, FlowScheduler
 from ..wanvideo.vae import WAN21_Z_DIM, WanVAE
@@ -105,11 +105,13 @@ class LoopInputs:
 class LoopCallbacks:
     """Progress (window index, step index, steps per window, windows), cancellation, and latent previews
     ``on_preview(window index, step index, x0)`` with the step's x0 prediction [16, T_lat, h, w] float32 on the
-    loop's device (motion latent frames included)."""
+    loop's device (motion latent frames included). ``before_model(step index)`` runs before every model call
+    (e.g. per-step LoRA strengths)."""
 
     on_step: Optional[Callable[[int, int, int, int], None]] = None
     interrupted: Optional[Callable[[], bool]] = None
     on_preview: Optional[Callable[[int, int, torch.Tensor], None]] = None
+    before_model: Optional[Callable[[int], None]] = None
 
 
 @dataclass
@@ -246,6 +248,8 @@ class InfiniteTalkLoop:
         def latent_hook(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
             if source is not None and ctx.phase == PHASE_AFTER_STEP:
                 x = differential_blend(x, source, ctx)
+            if callbacks.before_model is not None and ctx.phase == PHASE_BEFORE_MODEL:
+                callbacks.before_model(ctx.step_index)
             x[:, :motion.shape[1]] = motion
             return x
 

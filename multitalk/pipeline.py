@@ -15,6 +15,7 @@ import torch
 from ..attention import resolve
 from ..fp8_optimization import QuantMode, ops_for
 from ..wanvideo.checkpoint import LoadOptions
+from ..wanvideo.lora import LoraSet
 from .colormatch import DISABLED, ColorMatch
 from .embeds import MultiTalkEmbeds
 from .loop import LoopInputs, SourceVideo
@@ -46,6 +47,7 @@ class TransformerHandle:
     model_type: str = "InfiniteTalk"
     block_swap_args: Optional[dict] = None
     compile_args: Optional[dict] = None
+    loras: Optional[LoraSet] = None
 
     def with_block_swap(self, args: Optional[dict]) -> "TransformerHandle":
         return dataclasses.replace(self, block_swap_args=args)

@@ -73,12 +73,18 @@ TINY = Profile(
           "noise. For real videos open `infinitetalk_i2v.json` and put the real model files in place."))
 
 
-def _models(g: Graph, p: Profile, adapter_file: str, prompt: str):
-    """Transformer (+ adapter), VAE and cached text encoder; returns (model, vae, text) nodes."""
+def _models(g: Graph, p: Profile, adapter_file: str, prompt: str, low_vram: bool = False):
+    """Transformer (+ adapter), VAE and cached text encoder; returns (model, vae, text) nodes. ``low_vram``: FP4
+    weights, SageAttention and all blocks streamed from host RAM."""
     adapter = g.add("MultiTalkModelLoader", (0, 0), model=adapter_file)
     model = g.add("WanVideoModelLoader", (0, 140), model=p.transformer, base_precision=p.precision,
-                  quantization="disabled", load_device="offload_device", attention_mode="sdpa")
+                  quantization="fp4_scaled" if low_vram else "disabled", load_device="offload_device",
+                  attention_mode="sageattn" if low_vram else "sdpa")
     g.link(adapter, 0, model, "multitalk_model")
+    if low_vram:
+        swap = g.add("WanVideoEnhancedBlockSwap", (-420, 600), blocks_to_swap=40, auto_hardware_tuning=False,
+                     num_cuda_streams=2, bandwidth_target=0.5)
+        g.link(swap, 0, model, "block_swap_args")
     vae = g.add("WanVideoVAELoader", (0, 380), model_name=p.vae, precision=p.precision)
     text = g.add("WanVideoTextEncodeCached", (0, 520), model_name=p.text_encoder, precision=p.precision,
                  positive_prompt=prompt,
@@ -117,11 +123,11 @@ def _sample_and_save(g: Graph, p: Profile, model, i2v, text, embeds, prefix: str
     g.link(video, 0, save, "video")
 
 
-def infinitetalk_i2v(p: Profile) -> Graph:
+def infinitetalk_i2v(p: Profile, low_vram: bool = False) -> Graph:
     """Single-speaker image-to-video: portrait + speech -> talking video with the speech as its soundtrack."""
     g = Graph()
-    g.note(p.note, (-460, 0))
-    model, vae, text = _models(g, p, p.adapter, "a person is talking to the camera, natural head motion")
+    g.note(p.note + (LOW_VRAM_NOTE if low_vram else ""), (-460, 0))
+    model, vae, text = _models(g, p, p.adapter, "a person is talking to the camera, natural head motion", low_vram)
     _, i2v = _image_conditioning(g, p, "sample_portrait.png", vae, p.width, p.height)
     audio = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
     wav2vec = g.add("Wav2VecModelLoader", (840, 180), model=p.wav2vec, base_precision=p.precision)
@@ -150,12 +156,23 @@ def infinitetalk_two_speakers(p: Profile) -> Graph:
     return g
 
 
+def infinitetalk_i2v_low_vram(p: Profile) -> Graph:
+    """The single-speaker graph for 12-16 GB cards: FP4 weights, SageAttention, 40 blocks streamed."""
+    return infinitetalk_i2v(p, low_vram=True)
+
+
+LOW_VRAM_NOTE = ("\n\n### Low VRAM\n\nWeights are quantized to NVFP4 at load (`fp4_scaled`, about 4.5 bits per "
+                 "weight), every transformer block is streamed from pinned host RAM (`WanVideo Enhanced BlockSwap`, "
+                 "40 blocks), attention uses SageAttention when it is installed (else the fastest available kernel, "
+                 "said once in the log). Needs about 12 GB of free host RAM for the 14B model.")
+
 TWO_SPEAKER_NOTE = ("\n\n### Two speakers\n\nUse the InfiniteTalk **multi** adapter. Without a `ref_target_masks` "
                     "input the left and right halves of the picture are the two speakers. `add` plays the speeches "
                     "one after the other; `para` plays them at the same time.")
 
 
-GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v, "infinitetalk_two_speakers": infinitetalk_two_speakers}
+GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v, "infinitetalk_two_speakers": infinitetalk_two_speakers,
+          "infinitetalk_i2v_low_vram": infinitetalk_i2v_low_vram}
 PROFILES = (REAL, TINY)
 
 

@@ -317,3 +317,18 @@ def test_debug_mode_logs_transfers_per_pass(caplog):
         swapper.release()
     lines = [r.getMessage() for r in caplog.records if "block swap pass" in r.getMessage()]
     assert len(lines) == 2 and all("3 copies" in line for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["disabled", "fp4_scaled"])
+def test_model_loaded_under_inference_mode_swaps_like_in_comfyui(fixture_file, mode):
+    """ComfyUI runs every node under torch.inference_mode, so the loaded parameters are inference tensors."""
+    path, text_len, inputs, _ = fixture_file
+    with torch.inference_mode():
+        model = load_infinitetalk(path, None, LoadOptions(dtype=torch.float32, text_len=text_len, ops=ops_for(mode)))
+        expected = _fixture_forward(model, inputs)
+        swapper = BlockSwapper.attach(model.blocks, _plan(model.blocks, len(model.blocks)), "cpu")
+        try:
+            swapped = _fixture_forward(model, inputs)
+        finally:
+            swapper.detach()
+    assert torch.equal(swapped, expected)
