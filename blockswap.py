@@ -561,13 +561,16 @@ class BlockSwapper:
         return views
 
     def _bind(self, b: int, views: Sequence[torch.Tensor]) -> None:
-        """Point block ``b``'s parameters and buffers at ``views`` (new Parameter objects, so parameters created under
-        ComfyUI's inference mode do not turn the normal arena views into half-inference tensors)."""
+        """Point block ``b``'s parameters and buffers at ``views``. A parameter created under inference mode (ComfyUI
+        runs nodes in it) is replaced by a new Parameter: rebinding its ``.data`` to a normal arena view would give
+        a half-inference tensor that view ops reject."""
         for module, name, is_param, i in self._targets[b]:
-            if is_param:
+            if not is_param:
+                module._buffers[name] = views[i]
+            elif module._parameters[name].is_inference():
                 module._parameters[name] = nn.Parameter(views[i], requires_grad=False)
             else:
-                module._buffers[name] = views[i]
+                module._parameters[name].data = views[i]
 
 
     def _mark(self, stream: Optional[torch.cuda.Stream]) -> Any:
