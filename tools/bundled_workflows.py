@@ -77,16 +77,16 @@ def _models(g: Graph, p: Profile, adapter_file: str, prompt: str, low_vram: bool
     """Transformer (+ adapter), VAE and cached text encoder; returns (model, vae, text) nodes. ``low_vram``: FP4
     weights, SageAttention and all blocks streamed from host RAM."""
     adapter = g.add("MultiTalkModelLoader", (0, 0), model=adapter_file)
-    model = g.add("WanVideoModelLoader", (0, 140), model=p.transformer, base_precision=p.precision,
+    model = g.add("WanVideoModelLoader", (0, 110), model=p.transformer, base_precision=p.precision,
                   quantization="fp4_scaled" if low_vram else "disabled", load_device="offload_device",
                   attention_mode="sageattn" if low_vram else "sdpa")
     g.link(adapter, 0, model, "multitalk_model")
     if low_vram:
-        swap = g.add("WanVideoEnhancedBlockSwap", (-420, 600), blocks_to_swap=40, auto_hardware_tuning=False,
+        swap = g.add("WanVideoEnhancedBlockSwap", (-460, 520), blocks_to_swap=40, auto_hardware_tuning=False,
                      num_cuda_streams=2, bandwidth_target=0.5)
         g.link(swap, 0, model, "block_swap_args")
-    vae = g.add("WanVideoVAELoader", (0, 380), model_name=p.vae, precision=p.precision)
-    text = g.add("WanVideoTextEncodeCached", (0, 520), model_name=p.text_encoder, precision=p.precision,
+    vae = g.add("WanVideoVAELoader", (0, 500), model_name=p.vae, precision=p.precision)
+    text = g.add("WanVideoTextEncodeCached", (0, 660), model_name=p.text_encoder, precision=p.precision,
                  positive_prompt=prompt,
                  negative_prompt=NEGATIVE, use_disk_cache=False, device="gpu")
     return model, vae, text
@@ -95,8 +95,8 @@ def _models(g: Graph, p: Profile, adapter_file: str, prompt: str, low_vram: bool
 def _image_conditioning(g: Graph, p: Profile, image_file: str, vae, width: int, height: int):
     """Start image, its CLIP tokens and the long-video setup; returns (image, i2v) nodes."""
     image = g.add("LoadImage", (420, 0), image=image_file)
-    clip = g.add("LoadWanVideoClipTextEncoder", (420, 360), model_name=p.clip_vision, precision=p.precision)
-    clip_embeds = g.add("WanVideoClipVisionEncode", (420, 500), crop="center", combine_embeds="average")
+    clip = g.add("LoadWanVideoClipTextEncoder", (420, 420), model_name=p.clip_vision, precision=p.precision)
+    clip_embeds = g.add("WanVideoClipVisionEncode", (420, 570), crop="center", combine_embeds="average")
     g.link(clip, 0, clip_embeds, "clip_vision")
     g.link(image, 0, clip_embeds, "image_1")
     i2v = g.add("WanVideoImageToVideoMultiTalk", (1260, 0), width=width, height=height,
@@ -109,17 +109,17 @@ def _image_conditioning(g: Graph, p: Profile, image_file: str, vae, width: int, 
 
 def _sample_and_save(g: Graph, p: Profile, model, i2v, text, embeds, prefix: str) -> None:
     """Sampler -> frames -> mp4 with the processed speech as soundtrack."""
-    sampler = g.add("WanVideoSampler", (1260, 360), steps=p.steps, cfg=1.0, shift=7.0, seed=42,
+    sampler = g.add("WanVideoSampler", (1260, 400), steps=p.steps, cfg=1.0, shift=7.0, seed=42,
                     scheduler="multitalk")
     for source, name in ((model, "model"), (i2v, "image_embeds"), (text, "text_embeds"),
                          (embeds, "multitalk_embeds")):
         g.link(source, 0, sampler, name)
     frames = g.add("WanVideoPassImagesFromSamples", (1680, 0))
     g.link(sampler, 0, frames, "samples")
-    video = g.add("CreateVideo", (1680, 160), fps=25.0)
+    video = g.add("CreateVideo", (1680, 140), fps=25.0)
     g.link(frames, 0, video, "images")
     g.link(embeds, 1, video, "audio")
-    save = g.add("SaveVideo", (1680, 320), filename_prefix=prefix)
+    save = g.add("SaveVideo", (1680, 300), filename_prefix=prefix)
     g.link(video, 0, save, "video")
 
 
@@ -130,8 +130,8 @@ def infinitetalk_i2v(p: Profile, low_vram: bool = False) -> Graph:
     model, vae, text = _models(g, p, p.adapter, "a person is talking to the camera, natural head motion", low_vram)
     _, i2v = _image_conditioning(g, p, "sample_portrait.png", vae, p.width, p.height)
     audio = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
-    wav2vec = g.add("Wav2VecModelLoader", (840, 180), model=p.wav2vec, base_precision=p.precision)
-    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 320), num_frames=p.max_frames, fps=25.0)
+    wav2vec = g.add("Wav2VecModelLoader", (840, 200), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 360), num_frames=p.max_frames, fps=25.0)
     g.link(wav2vec, 0, embeds, "wav2vec_model")
     g.link(audio, 0, embeds, "audio_1")
     _sample_and_save(g, p, model, i2v, text, embeds, "InfiniteTalk/infinitetalk")
@@ -146,9 +146,9 @@ def infinitetalk_two_speakers(p: Profile) -> Graph:
     wide = p.width * 9 // 16 // 16 * 16
     _, i2v = _image_conditioning(g, p, "sample_two_people.png", vae, p.width, wide)
     first = g.add("LoadAudio", (840, 0), audio="sample_speech.mp3")
-    second = g.add("LoadAudio", (840, 150), audio="sample_speech_2.mp3")
-    wav2vec = g.add("Wav2VecModelLoader", (840, 300), model=p.wav2vec, base_precision=p.precision)
-    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 440), num_frames=p.max_frames, fps=25.0, multi_audio_type="add")
+    second = g.add("LoadAudio", (840, 180), audio="sample_speech_2.mp3")
+    wav2vec = g.add("Wav2VecModelLoader", (840, 370), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 520), num_frames=p.max_frames, fps=25.0, multi_audio_type="add")
     g.link(wav2vec, 0, embeds, "wav2vec_model")
     g.link(first, 0, embeds, "audio_1")
     g.link(second, 0, embeds, "audio_2")
