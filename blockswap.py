@@ -147,7 +147,8 @@ def _auto_fit(block_bytes: Sequence[int], budget: int, prefetch: int) -> tuple[i
 
 def plan_block_swap(args: Mapping[str, Any], block_bytes: Sequence[int], free_vram: int,
                     activation_bytes: int) -> SwapPlan:
-    """Build a :class:`SwapPlan` from a BLOCKSWAPARGS dict. block_bytes: packed size of each block in execution order (:func:`block_nbytes`); free_vram: device bytes free
+    """Build a :class:`SwapPlan` from a BLOCKSWAPARGS dict. block_bytes: packed size of each block in execution
+    order (:func:`block_nbytes`); free_vram: device bytes free
     for the blocks and activations (after the non-block modules are placed); activation_bytes: peak activation
     size of one forward (e.g. :func:`estimate_activation_bytes`).
 

@@ -52,11 +52,12 @@ weight and scale tensors in their formats and convert only the bias.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -590,3 +591,23 @@ def bytes_per_weight(layer: nn.Module) -> float:
     names = getattr(layer, "storage_names", ("weight",))
     total = sum(getattr(layer, name).numel() * getattr(layer, name).element_size() for name in names)
     return total / (layer.in_features * layer.out_features)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool = False, fp16_accumulation: bool = False) -> Iterator[None]:
+    """Inside: float32 matmuls and cuDNN convolutions may use TF32 (``tf32``), and fp16 GEMMs may accumulate in
+    fp16 (``fp16_accumulation``, the ``fp16_fast`` base precision; only where the torch build has the flag). The
+    process-wide flags are restored on exit."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32, getattr(matmul, "allow_fp16_accumulation", None))
+    if fp16_accumulation and saved[2] is None:
+        log.warning("fp16_fast: this torch build has no fp16 accumulation flag; using plain fp16 GEMMs")
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = tf32, tf32
+        if saved[2] is not None:
+            matmul.allow_fp16_accumulation = fp16_accumulation
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[0], saved[1]
+        if saved[2] is not None:
+            matmul.allow_fp16_accumulation = saved[2]

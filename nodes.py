@@ -15,10 +15,10 @@ import torch
 
 from .attention import ATTENTION_MODES, register_external
 from .blockswap import BlockSwapper, block_nbytes, estimate_activation_bytes, plan_block_swap
-from .fp8_optimization import QUANT_MODES
+from .fp8_optimization import QUANT_MODES, matmul_precision
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
-from .multitalk.embeds import EmbedOptions, embed_audio
+from .multitalk.embeds import EmbedOptions, embed_audio, silent_embeds
 from .multitalk.frame_sink import MemorySink, PngSink
 from .multitalk.loop import InfiniteTalkLoop, LoopCallbacks, SamplerSettings
 from .multitalk.wav2vec import load_wav2vec
@@ -793,6 +793,29 @@ class MultiTalkWav2VecEmbeds:
         return (result.embeds.to_dict(), result.audio, result.num_frames)
 
 
+class MultiTalkSilentEmbeds:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"num_frames": ("INT", _tip("Video frames of silence.", default=81, min=1, max=10000,
+                                                    step=1))},
+            "optional": {"wav2vec_model": ("WAV2VECMODEL", _tip(
+                "The wav2vec2 model that encodes the speech; the silence features are computed with it."))},
+        }
+
+    RETURN_TYPES = ("MULTITALK_EMBEDS",)
+    RETURN_NAMES = ("multitalk_embeds",)
+    FUNCTION = "process"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Audio features of silence: a clip where nobody talks."
+
+    def process(self, num_frames, wav2vec_model=None):
+        if wav2vec_model is None:
+            raise ValueError("MultiTalk Silent Embeds: connect a wav2vec2 model loader; this pack computes the "
+                             "silence features with the same model that encodes speech")
+        return (silent_embeds(wav2vec_model["model"], num_frames).to_dict(),)
+
+
 class WanVideoImageToVideoMultiTalk:
     @classmethod
     def INPUT_TYPES(cls):
@@ -890,7 +913,8 @@ class WanVideoSampler:
                                                          default=False)),
                 "force_contiguous_tensors": ("BOOLEAN", _tip("Kept for workflow compatibility: operands are always "
                                                              "contiguous here.", default=False)),
-                "use_tf32": ("BOOLEAN", _tip("Allow TF32 matmuls for fp32 work.", default=False)),
+                "use_tf32": ("BOOLEAN", _tip("Allow TF32 for float32 matmuls and convolutions during sampling.",
+                                             default=False)),
                 "use_cublas_gemm": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
                 "fuse_qkv_projections": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
             },
@@ -919,7 +943,9 @@ class WanVideoSampler:
                                    audio_cfg=float(multitalk_embeds.get("audio_cfg_scale", 1.0)),
                                    batched_cfg=batched_cfg, denoise_strength=denoise_strength,
                                    add_noise_to_samples=bool(options.get("add_noise_to_samples", False)))
-        return _run_loop(model, image_embeds, inputs, settings, force_offload)
+        with matmul_precision(tf32=bool(options.get("use_tf32", False)),
+                              fp16_accumulation=model.request.base_precision == "fp16_fast"):
+            return _run_loop(model, image_embeds, inputs, settings, force_offload)
 
 
 @contextmanager
@@ -1009,6 +1035,7 @@ NODE_CLASS_MAPPINGS = {
     "DownloadAndLoadWav2VecModel": DownloadAndLoadWav2VecModel,
     "Wav2VecModelLoader": Wav2VecModelLoader,
     "MultiTalkWav2VecEmbeds": MultiTalkWav2VecEmbeds,
+    "MultiTalkSilentEmbeds": MultiTalkSilentEmbeds,
     "WanVideoImageToVideoMultiTalk": WanVideoImageToVideoMultiTalk,
     "WanVideoSampler": WanVideoSampler,
     "WanVideoPassImagesFromSamples": WanVideoPassImagesFromSamples,
@@ -1035,6 +1062,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DownloadAndLoadWav2VecModel": "(Down)load Wav2Vec Model",
     "Wav2VecModelLoader": "Wav2vec2 Model Loader",
     "MultiTalkWav2VecEmbeds": "Multi/InfiniteTalk Wav2vec2 Embeds",
+    "MultiTalkSilentEmbeds": "MultiTalk Silent Embeds",
     "WanVideoImageToVideoMultiTalk": "WanVideo Long I2V Multi/InfiniteTalk",
     "WanVideoSampler": "WanVideo Sampler",
     "WanVideoPassImagesFromSamples": "WanVideo Pass Images From Samples",

@@ -149,3 +149,15 @@ def embed_audio(encoder: Wav2VecEncoder, audios: Sequence[Optional[Mapping]], op
     audio = {"waveform": mixed.reshape(1, 1, -1), "sample_rate": SAMPLE_RATE}
     return EmbedResult(embeds, audio, embeds.num_frames, tuple(speakers))
 
+
+
+def silent_embeds(encoder: Wav2VecEncoder, num_frames: int, fps: float = 25.0) -> MultiTalkEmbeds:
+    """MultiTalkSilentEmbeds: wav2vec2 features of ``num_frames`` frames of digital silence, one speaker, audio scale
+    and audio cfg 1 (a clip where nobody talks). Computed with the given model instead of shipped as a file, so they
+    always match the model that encodes the speech."""
+    encoder.check_multitalk()
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    silence = torch.zeros(samples_for_frames(num_frames, fps))
+    features = wav2vec_features(encoder, silence, fps)[:num_frames].cpu()
+    return MultiTalkEmbeds((features,), 1.0, 1.0, None)

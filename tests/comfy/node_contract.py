@@ -1,5 +1,10 @@
 """The node-interface contract (shared/spec/workflow-spec.md §2, §4), written out independently of nodes.py.
 
+Every node of the spec is registered (``test_every_contract_node_is_registered``). Additions beyond upstream are
+appended only: the FP4 quantization and SageAttention 3 choices, the sampler's four extra booleans, the wav2vec2
+input of MultiTalkSilentEmbeds (it computes the silence features), and two extra nodes (CLIP loader, text-embeds
+bridge).
+
 Each node: display name, category, inputs in declaration order as (section, name, type, config), outputs and their
 names. ``type`` is a socket/widget type string or a list of choices; ``config`` holds the keys that must match
 (default, min, max, step). Choice lists are extended only by appending.
@@ -199,6 +204,7 @@ CONTRACT = {
     ], ["MULTITALK_EMBEDS", "AUDIO", "INT"], ["multitalk_embeds", "audio", "num_frames"]),
     "MultiTalkSilentEmbeds": ("MultiTalk Silent Embeds", "WanVideoWrapper", [
         ("required", "num_frames", "INT", _int(81, 1, 10000)),
+        ("optional", "wav2vec_model", "WAV2VECMODEL", {}),
     ], ["MULTITALK_EMBEDS"], ["multitalk_embeds"]),
     "WanVideoImageToVideoMultiTalk": ("WanVideo Long I2V Multi/InfiniteTalk", "WanVideoWrapper", [
         ("required", "vae", "WANVAE", {}),

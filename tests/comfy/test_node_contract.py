@@ -19,6 +19,10 @@ def test_every_registered_node_has_a_contract(pack_object_info):
     assert set(pack_object_info) <= set(CONTRACT), set(pack_object_info) - set(CONTRACT)
 
 
+def test_every_contract_node_is_registered(pack_object_info):
+    assert set(CONTRACT) <= set(pack_object_info), set(CONTRACT) - set(pack_object_info)
+
+
 def _declared_inputs(info: dict) -> list[tuple[str, str, object, dict]]:
     rows = []
     for section in ("required", "optional"):

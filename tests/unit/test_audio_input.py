@@ -259,3 +259,12 @@ def test_embeds_reject_silence_ctc_and_bad_masks(encoder):
     ctc = W.Wav2VecEncoder(encoder.model, False, torch.float32, "facebook/wav2vec2-base-960h", ctc_finetuned=True)
     with pytest.raises(ValueError, match="chinese-wav2vec2-base"):
         E.embed_audio(ctc, [two_speakers()[0]], E.EmbedOptions())
+
+
+def test_silent_embeds_have_the_requested_length_and_are_silence_features(encoder):
+    embeds = E.silent_embeds(encoder, 30)
+    assert embeds.num_speakers == 1 and embeds.num_frames == 30
+    direct = W.wav2vec_features(encoder, torch.zeros(A.samples_for_frames(30, 25.0)), 25.0)[:30]
+    assert torch.equal(embeds.audio_features[0], direct.cpu())
+    with pytest.raises(ValueError, match="num_frames"):
+        E.silent_embeds(encoder, 0)

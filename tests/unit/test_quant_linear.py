@@ -363,3 +363,17 @@ def test_self_test_refuses_numerically_wrong_paths():
     assert reason is not None and "differs from the float32 reference" in reason
     with pytest.raises(RuntimeError, match="no kernel is numerically correct"):
         select_kernel(_BrokenDense, torch.device("cpu"), torch.float32)
+
+
+def test_matmul_precision_sets_and_restores_the_flags():
+    from infinitetalk.fp8_optimization import matmul_precision
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, getattr(matmul, "allow_fp16_accumulation", None))
+    with matmul_precision(tf32=True, fp16_accumulation=True):
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+        if before[2] is not None:
+            assert matmul.allow_fp16_accumulation
+    with matmul_precision(tf32=False):
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+    assert (matmul.allow_tf32, cudnn.allow_tf32, getattr(matmul, "allow_fp16_accumulation", None)) == before
