@@ -1,9 +1,10 @@
-"""Single-step flow-matching schedulers: Euler (σ and timestep forms), flow LCM, and RES multistep.
+"""Single-step flow-matching schedulers: Euler (σ and timestep forms), flow LCM / rCM, ViBT bridge, RES multistep.
 
 All take the velocity ``v = noise - x0`` (the DiT's flow prediction) and work on float32 latents of any layout.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,7 +53,7 @@ class FlowLCMScheduler(FlowScheduler):
     def __init__(self, grid: FlowGrid, generator: Optional[torch.Generator]):
         super().__init__(grid)
         if generator is None:
-            raise ValueError("lcm: the scheduler re-noises every step and needs a seeded torch.Generator")
+            raise ValueError(f"{self.name}: the scheduler re-noises every step and needs a seeded torch.Generator")
         self._generator = generator
 
     def _step(self, model_output: torch.Tensor, step_index: int, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,50 @@ class FlowLCMScheduler(FlowScheduler):
             return x0
         noise = scheduler_noise(x0.shape, self._generator, x0.device)
         return sigma_next * noise + (1.0 - sigma_next) * x0
+
+
+class RCMScheduler(FlowLCMScheduler):
+    """rCM few-step sampler (Zheng et al. 2025, arXiv:2510.08431), converted from TrigFlow to flow matching.
+
+    rCM samples in TrigFlow (``x = cos t · x0 + sin t · ε``): ``x0 = c_skip x + c_out F``, then
+    ``x ← cos t' · x0 + sin t' · ε'`` with fresh noise. Dividing by ``cos t' + sin t'`` maps it onto the flow latent
+    with σ = sin t / (sin t + cos t), where the same update is exactly the LCM one: ``x0 = x - σ v``, re-noised to
+    ``σ_{i+1}`` with seeded noise (none on the final step). The times are :func:`.sigmas.rcm_grid`.
+    """
+
+    name = "rcm"
+
+
+class ViBTBridgeScheduler(FlowScheduler):
+    """ViBT Brownian-bridge sampler (Vision Bridge Transformer), what the wrapper's ``vibt_unipc`` runs.
+
+    With bridge time t = σ and ``Δ = σ_{i+1} - σ_i`` (< 0): ``x_{i+1} = x_i + Δ · v + η · noise_scale · ε`` where
+    ``η = sqrt(-Δ σ_{i+1} / σ_i)`` is the Brownian-bridge posterior standard deviation and ε comes from the seeded
+    generator (float32, on the generator's device); the step onto σ = 0 has η = 0 and draws nothing. Only the grid
+    is UniPC's (:func:`.sigmas.diffusers_flow_grid`); there is no UniPC predictor/corrector. The wrapper takes the
+    bridge time as ``(int timestep + 1) / 1000``; here it is σ itself, so sliced and custom grids stay exact. With a
+    noise-to-data model (this pack's) the bridge noise leaves intermediate latents noisier than the flow marginal,
+    exactly as upstream's ``vibt_unipc`` does.
+    """
+
+    name = "vibt_unipc"
+
+    def __init__(self, grid: FlowGrid, generator: Optional[torch.Generator], noise_scale: float = 1.0):
+        super().__init__(grid)
+        if generator is None:
+            raise ValueError("vibt_unipc: the bridge sampler draws noise every step and needs a seeded torch.Generator")
+        if noise_scale < 0:
+            raise ValueError(f"vibt_unipc: noise_scale must be >= 0, got {noise_scale}")
+        self._generator = generator
+        self.noise_scale = noise_scale
+
+    def _step(self, model_output: torch.Tensor, step_index: int, x: torch.Tensor) -> torch.Tensor:
+        sigma, sigma_next = float(self.sigmas[step_index]), float(self.sigmas[step_index + 1])
+        out = x.to(torch.float32) + (sigma_next - sigma) * model_output
+        if sigma_next <= 0.0:
+            return out
+        eta = math.sqrt((sigma - sigma_next) * sigma_next / sigma) * self.noise_scale
+        return out + eta * scheduler_noise(out.shape, self._generator, out.device)
 
 
 def _phi1(t: torch.Tensor) -> torch.Tensor:

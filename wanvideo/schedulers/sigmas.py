@@ -27,6 +27,9 @@ LONGCAT_DISTILL_STEPS = 50
 DIFFSYNTH_SIGMA_MIN = 0.003 / 1.002
 DIM_14B = 5120
 SNR_OFFSET = 1e-4
+SA_ODE_LINEAR_MAX_STEPS = 10
+RCM_SIGMA_MAX = 80.0
+RCM_TRIGFLOW_TIMES = (1.5, 1.4, 1.0)
 
 SigmaInput = Union[torch.Tensor, Sequence[float], np.ndarray]
 
@@ -189,6 +192,61 @@ def causvid_grid(steps: int, transformer_dim: int = DIM_14B) -> FlowGrid:
         raise ValueError(f"flowmatch_causvid supports 1..{len(table)} steps for this model, got {steps}")
     t = torch.tensor(table[:steps], dtype=torch.int64)
     return FlowGrid(timesteps=t, sigmas=torch.cat([t / NUM_TRAIN_TIMESTEPS, torch.zeros(1)]))
+
+
+def diffusers_flow_grid(steps: int, shift: float) -> FlowGrid:
+    """diffusers' ``use_flow_sigmas`` grid (DEISMultistepScheduler / UniPCMultistepScheduler with ``flow_shift``).
+
+    ``s = 1 - linspace(1, 1/1000, steps + 1)`` (float64), shifted, reversed, last (0) dropped: ``s_k = shift(k·0.999 /
+    steps)`` for k = steps … 1; timesteps = int64 truncation of ``s * 1000``; sigmas = float32 ``[s, 0]``.
+    """
+    _check_steps(steps, shift)
+    s = 1.0 - np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, steps + 1)
+    s = np.flip(shift_sigmas(s, shift))[:-1].copy()
+    timesteps = torch.from_numpy(s * NUM_TRAIN_TIMESTEPS).to(torch.int64)
+    return FlowGrid(timesteps=timesteps, sigmas=torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32)))
+
+
+def pusa_grid(steps: int, shift: float) -> FlowGrid:
+    """``flowmatch_pusa``: Pusa's DiffSynth-style grid ``shift(linspace(1, 0, steps + 1)[:-1])`` (float32), then 0.
+
+    timesteps = float32 σ * 1000.
+    """
+    _check_steps(steps, shift)
+    sig = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1], shift)
+    return FlowGrid(timesteps=sig * NUM_TRAIN_TIMESTEPS, sigmas=torch.cat([sig, torch.zeros(1)]))
+
+
+def sa_ode_grid(steps: int, shift: float) -> FlowGrid:
+    """``sa_ode_stable`` grid: ``u = linspace(0, 1, steps + 1)``; σ = ``1 - u`` for at most 10 steps, else the cosine
+    ramp ``(1 + cos(π u)) / 2``; shifted in float64, then float32 (first σ 1, last 0). timesteps = float32 σ * 1000.
+    """
+    _check_steps(steps, shift)
+    u = np.linspace(0.0, 1.0, steps + 1)
+    base = 1.0 - u if steps <= SA_ODE_LINEAR_MAX_STEPS else 0.5 * (1.0 + np.cos(np.pi * u))
+    sig = torch.from_numpy(shift_sigmas(base, shift).astype(np.float32))
+    return FlowGrid(timesteps=sig[:-1] * NUM_TRAIN_TIMESTEPS, sigmas=sig)
+
+
+def trigflow_to_flow_sigma(t: float) -> float:
+    """TrigFlow time ``t`` (x = cos t · x0 + sin t · ε) → flow-matching σ = sin t / (sin t + cos t)."""
+    return math.sin(t) / (math.sin(t) + math.cos(t))
+
+
+def rcm_grid(steps: int) -> FlowGrid:
+    """rCM few-step grid (1-4 steps): TrigFlow times ``[atan(80), 1.5, 1.4, 1.0][:steps]`` then 0, as flow σ.
+
+    σ = :func:`trigflow_to_flow_sigma` in float64, then float32 (``atan(80)`` → 80/81); timesteps = float32 σ * 1000.
+    The shift does not apply. Source: rCM's Wan2.1 inference script (NVlabs/rcm ``wan2pt1_t2v_rcm_infer.py``:
+    ``sigma_max`` 80, mid times 1.5/1.4/1.0 "for better visual quality"; an earlier revision used 1.3/1.0/0.6).
+    ComfyUI-WanVideoWrapper uses ``sigma_max`` 120 (first σ 120/121) with the same mid times.
+    """
+    if int(steps) != steps or not 1 <= steps <= len(RCM_TRIGFLOW_TIMES) + 1:
+        raise ValueError(f"rcm is a 1..{len(RCM_TRIGFLOW_TIMES) + 1} step distilled sampler, got {steps} steps; "
+                         "use 1-4 steps or connect custom sigmas")
+    times = [math.atan(RCM_SIGMA_MAX), *RCM_TRIGFLOW_TIMES[:steps - 1]]
+    sig = torch.tensor([trigflow_to_flow_sigma(t) for t in times] + [0.0], dtype=torch.float64).to(torch.float32)
+    return FlowGrid(timesteps=sig[:-1] * NUM_TRAIN_TIMESTEPS, sigmas=sig)
 
 
 def res_multistep_grid(steps: int, shift: float) -> FlowGrid:
