@@ -27,7 +27,7 @@ from .wanvideo.lora import apply_lora_entries
 from .wanvideo.schedulers import SCHEDULER_NAMES
 from .wanvideo.text_cache import EncoderIdentity, TextEmbedCache
 from .wanvideo.text_encoder import T5LoadOptions, encode_text_embeds, load_text_encoder
-from .wanvideo.vae import load_vae
+from .wanvideo.vae import load_vae, pad_to_causal_length
 from .wanvideo.vae_tiling import TileSpec
 
 CATEGORY = "WanVideoWrapper"
@@ -678,11 +678,11 @@ class WanVideoEncode:
     RETURN_NAMES = ("samples",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encode frames to Wan2.1 latents."
+    DESCRIPTION = "Encode frames to Wan2.1 latents (a frame count that is not 1 + 4k is padded with the last frame)."
 
     def encode(self, vae, image, enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y,
                noise_aug_strength=0.0, latent_strength=1.0, mask=None):
-        video = image[..., :3].permute(3, 0, 1, 2)[None].to(vae.device) * 2 - 1
+        video = pad_to_causal_length(image[..., :3].permute(3, 0, 1, 2)[None].to(vae.device) * 2 - 1)
         if noise_aug_strength > 0:
             video = video + noise_aug_strength * torch.randn_like(video)
         latents = vae.encode(video, _tiling(enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y))

@@ -107,10 +107,14 @@ def _image_conditioning(g: Graph, p: Profile, image_file: str, vae, width: int, 
     return image, i2v
 
 
-def _sample_and_save(g: Graph, p: Profile, model, i2v, text, embeds, prefix: str) -> None:
-    """Sampler -> frames -> mp4 with the processed speech as soundtrack."""
+def _sample_and_save(g: Graph, p: Profile, model, i2v, text, embeds, prefix: str, source=None) -> None:
+    """Sampler -> frames -> mp4 with the processed speech as soundtrack. ``source``: V2V latents (WanVideo Encode),
+    re-noised to 60 % of the schedule."""
+    v2v = {"denoise_strength": 0.6, "add_noise_to_samples": True} if source is not None else {}
     sampler = g.add("WanVideoSampler", (1260, 400), steps=p.steps, cfg=1.0, shift=7.0, seed=42,
-                    scheduler="multitalk")
+                    scheduler="multitalk", **v2v)
+    if source is not None:
+        g.link(source, 0, sampler, "samples")
     for source, name in ((model, "model"), (i2v, "image_embeds"), (text, "text_embeds"),
                          (embeds, "multitalk_embeds")):
         g.link(source, 0, sampler, name)
@@ -156,6 +160,39 @@ def infinitetalk_two_speakers(p: Profile) -> Graph:
     return g
 
 
+def infinitetalk_v2v_dubbing(p: Profile) -> Graph:
+    """Video-to-video dubbing: a talking video is re-rendered so its lips follow new speech; the frames are
+    re-noised to 60 % and denoised with the new audio, each window conditioned on the video's own frames."""
+    g = Graph()
+    g.note(p.note + V2V_NOTE, (-460, 0))
+    model, vae, text = _models(g, p, p.adapter, "a person is talking to the camera, natural head motion")
+    video = g.add("LoadVideo", (420, -260), file="sample_talking.mp4")
+    parts = g.add("GetVideoComponents", (420, -120))
+    g.link(video, 0, parts, "video")
+    frames = g.add("ImageScale", (420, 0), upscale_method="bilinear", width=p.width, height=p.height, crop="center")
+    g.link(parts, 0, frames, "image")
+    encode = g.add("WanVideoEncode", (420, 180))
+    g.link(vae, 0, encode, "vae")
+    g.link(frames, 0, encode, "image")
+    i2v = g.add("WanVideoImageToVideoMultiTalk", (1260, 0), width=p.width, height=p.height,
+                frame_window_size=p.window, motion_frame=p.motion, mode="infinitetalk")
+    g.link(vae, 0, i2v, "vae")
+    g.link(frames, 0, i2v, "start_image")
+    speech = g.add("LoadAudio", (840, 0), audio="sample_speech_2.mp3")
+    wav2vec = g.add("Wav2VecModelLoader", (840, 200), model=p.wav2vec, base_precision=p.precision)
+    embeds = g.add("MultiTalkWav2VecEmbeds", (840, 360), num_frames=min(p.max_frames, 80), fps=25.0)
+    g.link(wav2vec, 0, embeds, "wav2vec_model")
+    g.link(speech, 0, embeds, "audio_1")
+    _sample_and_save(g, p, model, i2v, text, embeds, "InfiniteTalk/dubbing", source=encode)
+    return g
+
+
+V2V_NOTE = ("\n\n### Video-to-video dubbing\n\n`Load Video` gives the frames to re-render; `WanVideo Encode` turns "
+            "them into the sampler's `samples`; `denoise_strength` 0.6 keeps the picture and lets the mouth follow "
+            "the new speech (lower keeps more of the source). The output is as long as the new speech, capped by "
+            "`num_frames`: keep it at most the source video's frame count.")
+
+
 def infinitetalk_i2v_low_vram(p: Profile) -> Graph:
     """The single-speaker graph for 12-16 GB cards: FP4 weights, SageAttention, 40 blocks streamed."""
     return infinitetalk_i2v(p, low_vram=True)
@@ -172,7 +209,7 @@ TWO_SPEAKER_NOTE = ("\n\n### Two speakers\n\nUse the InfiniteTalk **multi** adap
 
 
 GRAPHS = {"infinitetalk_i2v": infinitetalk_i2v, "infinitetalk_two_speakers": infinitetalk_two_speakers,
-          "infinitetalk_i2v_low_vram": infinitetalk_i2v_low_vram}
+          "infinitetalk_i2v_low_vram": infinitetalk_i2v_low_vram, "infinitetalk_v2v_dubbing": infinitetalk_v2v_dubbing}
 PROFILES = (REAL, TINY)
 
 

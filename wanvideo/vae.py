@@ -359,6 +359,16 @@ def _latent_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, inv_std
 
 
+def pad_to_causal_length(video: torch.Tensor, temporal_stride: int = 4) -> torch.Tensor:
+    """Video [B, 3, F, H, W] -> [B, 3, 1 + k·stride, H, W] with the smallest such length >= F, repeating the last
+    frame (the causal encoder takes 1 + 4k frames)."""
+    frames = video.shape[2]
+    target = 1 + -(-(frames - 1) // temporal_stride) * temporal_stride
+    if target == frames:
+        return video
+    return torch.cat([video, video[:, :, -1:].expand(-1, -1, target - frames, -1, -1)], dim=2)
+
+
 def normalise_latents(mu: torch.Tensor) -> torch.Tensor:
     """Raw mu [B, 16, T, h, w] (any dtype) -> float32 ``(mu - mean) * (1 / std)``."""
     mean, inv_std = _latent_stats(mu.device)

@@ -273,3 +273,12 @@ def test_bad_inputs_are_named(vae):
         vae.encode(torch.zeros(1, 4, 5, 32, 32))
     with pytest.raises(ValueError, match="\\[B, 16, F, H, W\\]"):
         vae.decode(torch.zeros(1, 48, 2, 4, 4))
+
+
+def test_pad_to_causal_length_repeats_the_last_frame():
+    from infinitetalk.wanvideo.vae import pad_to_causal_length
+
+    video = torch.arange(7, dtype=torch.float32).reshape(1, 1, 7, 1, 1).expand(1, 3, 7, 2, 2)
+    padded = pad_to_causal_length(video)
+    assert padded.shape[2] == 9 and torch.equal(padded[0, 0, :, 0, 0], torch.tensor([0., 1, 2, 3, 4, 5, 6, 6, 6]))
+    assert pad_to_causal_length(padded) is padded
