@@ -118,6 +118,7 @@ class LoopCallbacks:
 class _WindowState:
     motion_pixels: torch.Tensor
     generator: torch.Generator
+    conditioning: Optional[tuple[tuple[int, int], torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,12 @@ class InfiniteTalkLoop:
     def _window(self, inputs: LoopInputs, window: Window, state: _WindowState, callbacks: LoopCallbacks,
                 windows: int) -> torch.Tensor:
         """Denoise, decode and colour-match one window; returns its frames [F, 3, H, W] in [-1, 1] on the CPU."""
-        reference = inputs.start_images[min(window.index, inputs.start_images.shape[0] - 1)]
-        y = self._conditioning(reference, window)
+        reference_index = min(window.index, inputs.start_images.shape[0] - 1)
+        reference = inputs.start_images[reference_index]
+        key = (reference_index, window.num_frames)
+        if state.conditioning is None or state.conditioning[0] != key:
+            state.conditioning = (key, self._conditioning(reference, window))
+        y = state.conditioning[1]
         motion_source = state.motion_pixels if window.index else reference[None]
         motion = self._encode(motion_source)[:, :window.motion_latent_frames]
         noise = torch.randn(y.shape[0] - MASK_CHANNELS, *y.shape[1:], generator=state.generator).to(self.device)

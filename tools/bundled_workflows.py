@@ -66,8 +66,8 @@ TINY = Profile(
     adapter="infinitetalk_tiny/infinitetalk_single_tiny.safetensors",
     adapter_multi="infinitetalk_tiny/infinitetalk_single_tiny.safetensors", vae="wan2.1_vae_tiny.safetensors",
     text_encoder="umt5_tiny.safetensors", clip_vision="clip_vision_tiny.safetensors",
-    wav2vec="wav2vec2_tiny.safetensors", precision="fp32", width=256, height=256, window=33, motion=9, steps=4,
-    max_frames=100,
+    wav2vec="wav2vec2_tiny.safetensors", precision="fp32", width=160, height=160, window=33, motion=9, steps=3,
+    max_frames=57,
     note=("## Tiny demo\n\nThe same graph as `infinitetalk_i2v.json`, on tiny **random-weight** models written by "
           "`tools/make_tiny_models.py`: it proves the pipeline runs end to end on a CPU, and its frames look like "
           "noise. For real videos open `infinitetalk_i2v.json` and put the real model files in place."))

@@ -33,10 +33,11 @@ TINY_DEMOS = sorted(WORKFLOWS_DIR.glob("*_tiny_demo.json"))
 def test_tiny_demo_runs_through_the_http_api(tiny_server, workflow):
     graph = json.loads(workflow.read_text())
     cap = next(n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "MultiTalkWav2VecEmbeds")
+    width = next(n["widgets_values"][0] for n in graph["nodes"] if n["type"] == "WanVideoImageToVideoMultiTalk")
     video = run_workflow(tiny_server, workflow)
     with av.open(str(video)) as container:
         frames = sum(1 for _ in container.decode(video=0))
-        assert container.streams.video[0].width == 256
+        assert container.streams.video[0].width == width
         assert len(container.streams.audio) == 1
         audio_seconds = float(container.streams.audio[0].duration * container.streams.audio[0].time_base)
     assert frames == cap
