@@ -155,9 +155,13 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) ->
 
 
 def samples_for_frames(num_frames: int, fps: float, sample_rate: int = SAMPLE_RATE) -> int:
-    """Samples that cover ``num_frames`` video frames: ceil(num_frames / fps * rate), so that
-    ``int(samples / rate * fps) == num_frames`` also for fractional rates such as 23.976 fps."""
-    return math.ceil(num_frames * sample_rate / fps - 1e-6)
+    """The fewest samples that cover ``num_frames`` video frames under the official frame rounding
+    ``int(samples / rate * fps)`` (float rounding included: 57 frames at 25 fps need 36481 samples, not 36480),
+    also for fractional rates such as 23.976 fps."""
+    samples = math.ceil(num_frames * sample_rate / fps - 1e-6)
+    while int(samples / sample_rate * fps) < num_frames:
+        samples += 1
+    return samples
 
 
 def integrated_loudness(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Optional[float]:

@@ -268,3 +268,11 @@ def test_silent_embeds_have_the_requested_length_and_are_silence_features(encode
     assert torch.equal(embeds.audio_features[0], direct.cpu())
     with pytest.raises(ValueError, match="num_frames"):
         E.silent_embeds(encoder, 0)
+
+
+@pytest.mark.parametrize("frames", [1, 56, 57, 81, 100, 399, 400, 1001])
+@pytest.mark.parametrize("fps", [25.0, 23.976, 30.0])
+def test_samples_for_frames_is_the_fewest_that_round_to_the_frame_count(frames, fps):
+    samples = A.samples_for_frames(frames, fps)
+    assert int(samples / A.SAMPLE_RATE * fps) == frames
+    assert int((samples - 1) / A.SAMPLE_RATE * fps) == frames - 1
