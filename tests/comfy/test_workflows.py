@@ -8,6 +8,7 @@ import pytest
 from bundled_workflows import WORKFLOWS_DIR, write_all
 from demo import run_workflow
 from make_tiny_models import make_tiny_models
+from workflow_graph import ui_to_api
 
 pytestmark = pytest.mark.comfy
 
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.comfy
 @pytest.fixture(scope="module")
 def tiny_server(comfy_server):
     make_tiny_models(comfy_server.models_dir)
+    for asset in (WORKFLOWS_DIR / "assets").iterdir():
+        (comfy_server.input_dir / asset.name).write_bytes(asset.read_bytes())
     return comfy_server
 
 
@@ -78,3 +81,34 @@ def test_bad_inputs_give_node_errors_and_the_server_keeps_serving(tiny_server):
 
     ok = tiny_server.run_prompt(json.loads(json.dumps(wrong_socket).replace('["4", 0]', '["1", 0]')))
     assert ok["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("frames", [1, 81, 82, 150, 400])
+def test_video_length_equals_the_audio_length(tiny_server, frames):
+    """Audio lengths that are not a whole number of windows give exactly that many frames, with the audio muxed."""
+    import numpy as np
+    import soundfile
+
+    rate = 16000
+    t = np.arange(int(np.ceil(frames * rate / 25)) + 1) / rate
+    soundfile.write(tiny_server.input_dir / f"tone_{frames}.wav", (0.3 * np.sin(2 * np.pi * 220 * t * (1 + t))), rate)
+    workflow = json.loads((WORKFLOWS_DIR / "infinitetalk_i2v_tiny_demo.json").read_text())
+    prompt = ui_to_api(workflow, tiny_server.object_info())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "LoadAudio":
+            inputs["audio"] = f"tone_{frames}.wav"
+        elif node["class_type"] == "MultiTalkWav2VecEmbeds":
+            inputs["num_frames"] = 10000
+        elif node["class_type"] == "WanVideoImageToVideoMultiTalk":
+            inputs.update(width=64, height=64)
+        elif node["class_type"] == "WanVideoSampler":
+            inputs["steps"] = 1
+        elif node["class_type"] == "SaveVideo":
+            inputs["filename_prefix"] = f"length/frames_{frames}"
+    entry = tiny_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = next(item for output in entry["outputs"].values() for item in output.get("images", []))
+    with av.open(str(tiny_server.output_dir / saved["subfolder"] / saved["filename"])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == frames
+        assert len(container.streams.audio) == 1
