@@ -31,3 +31,14 @@ def comfy_server(tmp_path_factory):
     server = ComfyServer(workdir=tmp_path_factory.mktemp("comfy")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one CPU thread (the parity fixtures were made that way; 2 threads move results by ~1e-6)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -63,18 +63,9 @@ class WanSelfAttention(nn.Module):
         return self.attend(*self.qkv(x, rope))
 
 
-class WanT2VCrossAttention(nn.Module):
-    """Cross-attention to the text tokens. x [B, S, dim], context [B, L, dim] -> [B, S, dim]."""
-
-    def __init__(self, cfg: WanConfig, ops: Ops, attention: AttentionBackend) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim, self.attention = cfg.num_heads, cfg.head_dim, attention
-        self.q = ops.Linear(cfg.dim, cfg.dim)
-        self.k = ops.Linear(cfg.dim, cfg.dim)
-        self.v = ops.Linear(cfg.dim, cfg.dim)
-        self.o = ops.Linear(cfg.dim, cfg.dim)
-        self.norm_q = WanRMSNorm(cfg.dim, eps=cfg.eps)
-        self.norm_k = WanRMSNorm(cfg.dim, eps=cfg.eps)
+class WanT2VCrossAttention(WanSelfAttention):
+    """Cross-attention to the text tokens (the same layers as self-attention, no RoPE, as in the official code).
+    x [B, S, dim], context [B, L, dim] -> [B, S, dim]."""
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))

@@ -19,12 +19,7 @@ PREFIX = "model.diffusion_model."
 ADAPTER_PARTS = ("audio_proj.", "audio_cross_attn.", "norm_x.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fixtures were made
 
 
 def read_ref(path: Path) -> dict:

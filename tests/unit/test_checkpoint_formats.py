@@ -32,12 +32,7 @@ GGUF_BOUND = {Q.F32: 1e-6, Q.F16: 1e-3, Q.BF16: 6e-3, Q.Q8_0: 2e-2, Q.Q6_K: 5e-2
 FP8_BOUND = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fixtures were made
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ RANK = 4
 LAYERS = ("self_attn.q", "self_attn.o", "cross_attn.k_img", "ffn.0", "audio_cross_attn.kv_linear")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fixtures were made
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,7 @@ def read_fixture(path: Path) -> Fixture:
     return Fixture(groups["state_dict"], groups["inputs"], groups["outputs"], groups["intermediates"], config)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """float32 reductions are reproducible with one thread (the reference ran with one); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fixtures were made
 
 
 @pytest.fixture(scope="module", params=FIXTURES)

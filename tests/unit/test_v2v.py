@@ -23,12 +23,7 @@ from infinitetalk.wanvideo.vae import load_vae
 HEIGHT, WIDTH = 32, 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fixtures were made
 
 
 def test_source_latent_offset_follows_the_upstream_formula():
