@@ -950,18 +950,21 @@ class WanVideoSampler:
 
 @contextmanager
 def _placed(handle, device: torch.device, tokens: int, passes: int, force_offload: bool):
-    """Put the transformer on ``device`` for one run: whole, or with its blocks streamed by the block swapper.
-    Afterwards the swapper lets go of its slots and, with ``force_offload``, the weights go back to the offload
-    device so other nodes get the VRAM."""
+    """Put the transformer on ``device`` for one run: first ComfyUI unloads its own models until the weights and
+    activations fit (or as far as it can), then the model goes on the device whole, or with its blocks streamed by
+    the block swapper (planned from what is free then). Afterwards the swapper lets go of its slots and, with
+    ``force_offload``, the weights go back to the offload device so other nodes get the VRAM."""
     mm = _model_management()
     model, args = handle.model, handle.block_swap_args or {}
+    activations = estimate_activation_bytes(tokens, model.config.dim, model.config.ffn_dim, batch=passes)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    mm.free_memory(weights + activations, device)
     swapper = None
     if args:
         for name, child in model.named_children():
             if name != "blocks":
                 child.to(device)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mm.get_free_memory(device)
-        activations = estimate_activation_bytes(tokens, model.config.dim, model.config.ffn_dim, batch=passes)
         plan = plan_block_swap(args, [block_nbytes(b) for b in model.blocks], free, activations)
         if plan.swapped:
             swapper = BlockSwapper.attach(model.blocks, plan, device)
