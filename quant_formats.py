@@ -27,7 +27,7 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +189,18 @@ def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / (FP8_MAX[E4M3] * E2M1_MAX), torch.ones_like(amax)).reshape(1)
 
 
+def _lowest_error(candidates: Iterable[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Per block, the candidate ``(error, *tensors)`` with the smallest error (the first one on ties)."""
+    best = None
+    for candidate in candidates:
+        if best is None:
+            best = candidate
+            continue
+        better = candidate[0] < best[0]
+        best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
+    return best
+
+
 def quantize_nvfp4(w: torch.Tensor, search: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float [N, K] (K % 16 == 0) -> (packed uint8 [N, K/2], e4m3 block scales [N, K/16], float32 global [1]).
 
@@ -200,19 +212,14 @@ def quantize_nvfp4(w: torch.Tensor, search: bool = True) -> tuple[torch.Tensor, 
     g = nvfp4_global_scale(w)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     base = (amax / (E2M1_MAX * g)).clamp(max=FP8_MAX[E4M3]).to(E4M3).view(torch.uint8).to(torch.int32)
-    best_err, best_codes, best_scale = None, None, None
-    for offset in (_NVFP4_SEARCH if search else (0,)):
-        scale = (base + offset).clamp(1, 126).to(torch.uint8).view(E4M3)
-        codes = e2m1_encode(blocks / (scale.float() * g))
-        err = ((e2m1_decode(codes) * scale.float() * g - blocks) ** 2).sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_codes, best_scale = err, codes, scale
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_codes = torch.where(better, codes, best_codes)
-        best_scale = torch.where(better, scale.view(torch.uint8), best_scale.view(torch.uint8)).view(E4M3)
-    return pack_nibbles(best_codes.view(n, k)), best_scale.view(n, k // NVFP4_BLOCK).contiguous(), g
+    def candidate(offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        code = (base + offset).clamp(1, 126).to(torch.uint8)
+        scale = code.view(E4M3).float() * g
+        codes = e2m1_encode(blocks / scale)
+        return ((e2m1_decode(codes) * scale - blocks) ** 2).sum(dim=-1, keepdim=True), codes, code
+
+    _, codes, code = _lowest_error(candidate(o) for o in (_NVFP4_SEARCH if search else (0,)))
+    return pack_nibbles(codes.view(n, k)), code.view(E4M3).view(n, k // NVFP4_BLOCK).contiguous(), g
 
 
 def _nvfp4_values(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
@@ -284,20 +291,15 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     _, exp = torch.frexp(amax)
     first = torch.where(amax > 0, exp - 1 - 2, torch.full_like(exp, -127))
-    best_err, best_codes, best_exp = None, None, None
-    for e in (first, first + 1):
+    def candidate(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e = e.clamp(-127, 127)
-        codes = e2m1_encode(blocks / torch.exp2(e.float()))
-        err = ((e2m1_decode(codes) * torch.exp2(e.float()) - blocks) ** 2).sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_codes, best_exp = err, codes, e
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_codes = torch.where(better, codes, best_codes)
-        best_exp = torch.where(better, e, best_exp)
-    biased = (best_exp + 127).to(torch.uint8).view(n, k // MXFP4_BLOCK)
-    return pack_nibbles(best_codes.view(n, k)), biased.contiguous()
+        scale = torch.exp2(e.float())
+        codes = e2m1_encode(blocks / scale)
+        return ((e2m1_decode(codes) * scale - blocks) ** 2).sum(dim=-1, keepdim=True), codes, e
+
+    _, codes, exp = _lowest_error(candidate(e) for e in (first, first + 1))
+    biased = (exp + 127).to(torch.uint8).view(n, k // MXFP4_BLOCK)
+    return pack_nibbles(codes.view(n, k)), biased.contiguous()
 
 
 @fused()
