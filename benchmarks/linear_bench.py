@@ -227,3 +227,44 @@ def _alternatives(rows2d: torch.Tensor, nvfp4_layer) -> list[tuple[str, Callable
             ("per-token amax alone (eager vector_norm inf)",
              lambda t: torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True), (x,)),
             ("NVFP4 -> e4m3 with torch.stack nibbles (runs 1-2)", stacked, weights)]
+
+
+def _markdown(rows: list[Row], header: str) -> str:
+    lines = [header, "", "| shape | variant | kernel | ms | TFLOP/s | vs bf16 | rel. error | bytes/weight |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.variant} | {r.kernel} | {r.ms:.3f} | {r.tflops:.0f} | {r.speedup:.2f}x | "
+                     f"{r.rel_error:.4f} | {r.bytes_per_weight:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, help="folder for linear_bench.json and linear_bench.md")
+    parser.add_argument("--shapes", default=WAN_SHAPES, help="comma-separated NxK weight shapes")
+    parser.add_argument("--m", type=int, default=32760, help="tokens (rows of the activation)")
+    parser.add_argument("--modes", default=",".join(QUANT_MODES), help="comma-separated quantization modes")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    args.modes = args.modes.split(",")
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        print(f"{shape} on {card}", flush=True)
+        rows += bench_shape(n, k, args, device)
+    header = (f"linear_bench {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {card}, "
+              f"torch {torch.__version__}, M = {args.m}")
+    text = _markdown(rows, header)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "linear_bench.md").write_text(text)
+        (args.out / "linear_bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
