@@ -42,3 +42,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sampler_file(fixtures_dir):
+    """The sampler parity fixture: (tensors, harness metadata)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = fixtures_dir / "ref_sampler_a.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["harness"])
+    return load_file(str(path)), meta

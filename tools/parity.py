@@ -49,6 +49,12 @@ TOLERANCES = {"transformer": 2e-5, "vae.latent_mu": 1e-5, "vae": 5e-5, "t5": 1e-
               "sampler.exact": 0.0, "sampler.solver_x": 1e-5}
 
 
+def tensor_group(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors under ``prefix.`` with the prefix removed (e.g. a fixture's ``state_dict.*`` weights)."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
 @dataclass(frozen=True)
 class Fixture:
     """One parity file: its tensors grouped by prefix, the ``harness`` JSON and the component kind."""
@@ -60,8 +66,7 @@ class Fixture:
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under ``prefix.`` with the prefix removed."""
-        head = prefix + "."
-        return {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
+        return tensor_group(self.tensors, prefix)
 
     @property
     def config(self) -> dict:

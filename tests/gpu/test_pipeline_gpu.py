@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.multitalk.frame_sink import MemorySink
 from infinitetalk.multitalk.loop import InfiniteTalkLoop, LoopInputs, SamplerSettings
-from infinitetalk.multitalk.model import load_infinitetalk
 from infinitetalk.wanvideo.checkpoint import LoadOptions, open_state_dict
 from infinitetalk.wanvideo.vae import load_vae
+from parity import tensor_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -24,7 +24,7 @@ def files(fixtures_dir, tmp_path_factory):
     out = {}
     for name in ("ref_tiny_2p", "ref_vae_a"):
         tensors = load_file(str(fixtures_dir / f"{name}.safetensors"))
-        save_file({k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")},
+        save_file(tensor_group(tensors, "state_dict"),
                   str(folder / f"{name}.safetensors"))
         out[name] = (folder / f"{name}.safetensors", tensors)
     meta = json.loads(safe_open(str(fixtures_dir / "ref_tiny_2p.safetensors"), "pt").metadata()["harness"])

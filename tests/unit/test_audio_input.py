@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from infinitetalk.multitalk import audio_input as A
 from infinitetalk.multitalk import embeds as E
 from infinitetalk.multitalk import wav2vec as W
+from parity import tensor_group
 
 SR_IN = 44100
 
@@ -191,7 +192,7 @@ def test_layout_tracks_para_and_add():
 def encoder(fixtures_dir):
     path = fixtures_dir / "ref_wav2vec_a.safetensors"
     meta = json.loads(safe_open(str(path), "pt").metadata()["harness"])
-    state = {k[len("state_dict."):]: v for k, v in load_file(str(path)).items() if k.startswith("state_dict.")}
+    state = tensor_group(load_file(str(path)), "state_dict")
     return W.encoder_from_state_dict(state, "fp32", meta["hf_config"])
 
 

@@ -21,6 +21,7 @@ from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.multitalk.model import InfiniteTalkModel, load_infinitetalk
 from infinitetalk.wanvideo.checkpoint import LoadOptions
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig
+from parity import tensor_group
 
 PLAIN = {"blocks_to_swap": 20, "offload_img_emb": False, "offload_txt_emb": False}
 MODES = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
@@ -35,7 +36,7 @@ def fixture_file(fixtures_dir, tmp_path_factory):
     tensors = load_file(str(ref))
     text_len = json.loads(safe_open(str(ref), "pt").metadata()["harness"])["config"]["text_len"]
     path = tmp_path_factory.mktemp("swap") / "model.safetensors"
-    save_file({k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}, str(path))
+    save_file(tensor_group(tensors, "state_dict"), str(path))
     inputs = {k[len("inputs."):]: v for k, v in tensors.items() if k.startswith("inputs.")}
     return path, text_len, inputs, {}
 

@@ -14,6 +14,7 @@ from infinitetalk.multitalk.model import InfiniteTalkModel, load_infinitetalk
 from infinitetalk.wanvideo import checkpoint
 from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model, open_state_dict
 from infinitetalk.wanvideo.model import WanModel
+from parity import tensor_group
 
 PREFIX = "model.diffusion_model."
 ADAPTER_PARTS = ("audio_proj.", "audio_cross_attn.", "norm_x.")
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # float32 results as the fix
 def read_ref(path: Path) -> dict:
     tensors = load_file(str(path))
     config = json.loads(safe_open(str(path), "pt").metadata()["harness"])["config"]
-    sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    sd = tensor_group(tensors, "state_dict")
     return {"sd": sd, "t": tensors, "config": config}
 
 
@@ -136,7 +137,7 @@ def test_adapter_for_another_base_is_refused(ref, tmp_path):
 def test_other_component_files_are_named(fixtures_dir, tmp_path, fixture_name, kind):
     tensors = load_file(str(fixtures_dir / f"{fixture_name}.safetensors"))
     path = tmp_path / f"{fixture_name}.safetensors"
-    save_file({k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}, str(path))
+    save_file(tensor_group(tensors, "state_dict"), str(path))
     with pytest.raises(ValueError, match=kind) as err:
         open_state_dict([path])
     assert str(path) in str(err.value)

@@ -20,6 +20,7 @@ from infinitetalk.multitalk.model import load_infinitetalk
 from infinitetalk.wanvideo import checkpoint
 from infinitetalk.wanvideo.checkpoint import LoadOptions, open_state_dict, settle_quant_mode
 from infinitetalk.wanvideo.gguf_reader import ORIG_SHAPE_KEY, GGUFTensorReader
+from parity import tensor_group
 
 Q = gguf.GGMLQuantizationType
 QK = 256
@@ -40,7 +41,7 @@ def ref(fixtures_dir):
     path = fixtures_dir / "ref_tiny_1p.safetensors"
     tensors = load_file(str(path))
     config = json.loads(safe_open(str(path), "pt").metadata()["harness"])["config"]
-    sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    sd = tensor_group(tensors, "state_dict")
     return {"sd": sd, "t": tensors, "text_len": config["text_len"]}
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from infinitetalk.wanvideo.clip_vision import (CLIPLoadOptions, CLIPVisionConfig, build_clip_vision,
                                                load_clip_vision)
+from parity import tensor_group
 
 
 def _fixture_paths(fixtures_dir: Path) -> list[Path]:
@@ -28,7 +29,7 @@ def clip_fixture(fixtures_dir):
 
 
 def _state_dict(fx: dict) -> dict:
-    return {k[len("state_dict."):]: v for k, v in fx.items() if k.startswith("state_dict.")}
+    return tensor_group(fx, "state_dict")
 
 
 def _visual(fx: dict) -> dict:

@@ -17,6 +17,7 @@ from infinitetalk.multitalk.model import load_infinitetalk
 from infinitetalk.multitalk.windows import plan_windows
 from infinitetalk.wanvideo.checkpoint import LoadOptions
 from infinitetalk.wanvideo.vae import load_vae
+from parity import tensor_group
 
 HEIGHT, WIDTH = 32, 48
 
@@ -29,10 +30,9 @@ def models(fixtures_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     ref = fixtures_dir / "ref_tiny_1p.safetensors"
     text_len = json.loads(safe_open(str(ref), "pt").metadata()["harness"])["config"]["text_len"]
-    sd = {k[len("state_dict."):]: v for k, v in load_file(str(ref)).items() if k.startswith("state_dict.")}
+    sd = tensor_group(load_file(str(ref)), "state_dict")
     save_file(sd, str(folder / "infinitetalk.safetensors"))
-    vae_sd = {k[len("state_dict."):]: v for k, v in load_file(str(fixtures_dir / "ref_vae_a.safetensors")).items()
-              if k.startswith("state_dict.")}
+    vae_sd = tensor_group(load_file(str(fixtures_dir / "ref_vae_a.safetensors")), "state_dict")
     save_file(vae_sd, str(folder / "vae.safetensors"))
     model = load_infinitetalk(folder / "infinitetalk.safetensors", None,
                               LoadOptions(dtype=torch.float32, text_len=text_len))

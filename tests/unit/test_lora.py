@@ -15,6 +15,7 @@ from infinitetalk.fp8_optimization import QuantLinear, ops_for
 from infinitetalk.multitalk.model import load_infinitetalk
 from infinitetalk.wanvideo.checkpoint import LoadOptions
 from infinitetalk.wanvideo.lora import LoraSpec, apply_lora_entries, apply_loras, read_lora_keys
+from parity import tensor_group
 
 RANK = 4
 LAYERS = ("self_attn.q", "self_attn.o", "cross_attn.k_img", "ffn.0", "audio_cross_attn.kv_linear")
@@ -28,7 +29,7 @@ def ref(fixtures_dir, tmp_path_factory):
     src = fixtures_dir / "ref_tiny_1p.safetensors"
     tensors = load_file(str(src))
     text_len = json.loads(safe_open(str(src), "pt").metadata()["harness"])["config"]["text_len"]
-    sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    sd = tensor_group(tensors, "state_dict")
     path = tmp_path_factory.mktemp("lora") / "wan_tiny.safetensors"
     save_file(sd, str(path))
     return {"sd": sd, "t": tensors, "path": path, "text_len": text_len}

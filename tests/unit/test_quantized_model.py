@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from infinitetalk.fp8_optimization import QUANT_MODES, QuantLinear, ops_for
 from infinitetalk.multitalk.model import load_infinitetalk
 from infinitetalk.wanvideo.checkpoint import LoadOptions
+from parity import tensor_group
 
 BOUND = {"fp8_e4m3fn": 0.04, "fp8_e5m2": 0.07, "fp4": 0.15}
 
@@ -20,7 +21,7 @@ def fixture(fixtures_dir, tmp_path_factory):
     tensors = load_file(str(ref))
     config = json.loads(safe_open(str(ref), "pt").metadata()["harness"])["config"]
     path = tmp_path_factory.mktemp("q") / "model.safetensors"
-    save_file({k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}, str(path))
+    save_file(tensor_group(tensors, "state_dict"), str(path))
     return path, tensors, config["text_len"]
 
 

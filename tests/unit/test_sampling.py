@@ -1,10 +1,7 @@
 """The step loop and InfiniteTalk guidance: exact fixture trajectories (CFG 3/2 passes, APG), callbacks, cfg lists."""
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from infinitetalk.multitalk.guidance import (PASS_COND, PASS_DROP_AUDIO, PASS_DROP_TEXT, PASS_UNCOND, APGConfig,
                                              GuidanceConfig, GuidanceState, MomentumBuffer, combine_cfg,
@@ -14,14 +11,6 @@ from infinitetalk.wanvideo.sampling import (PHASE_AFTER_STEP, PHASE_BEFORE_MODEL
 from infinitetalk.wanvideo.schedulers import make_scheduler
 
 PASS_KEYS = {"cond": PASS_COND, "drop_text": PASS_DROP_TEXT, "uncond": PASS_UNCOND, "drop_audio": PASS_DROP_AUDIO}
-
-
-@pytest.fixture(scope="module")
-def sampler_file(fixtures_dir):
-    path = fixtures_dir / "ref_sampler_a.safetensors"
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["harness"])
-    return load_file(str(path)), meta
 
 
 class RecordedModel:

@@ -1,13 +1,10 @@
 """Flow-matching schedulers: fixture grids and solver trajectories, registry, slicing, custom sigmas, SDE seeding."""
-import json
 import math
 import re
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from infinitetalk.wanvideo import schedulers
 from infinitetalk.wanvideo.schedulers import sigmas as grids
@@ -21,14 +18,6 @@ UI_NAMES = (
 )
 SOLVER_NAMES = {"unipc": "unipc", "dpm++": "dpm++"}
 GRID_KEY = re.compile(r"^outputs\.timesteps\.steps(\d+)_shift(\d+(?:\.\d+)?)$")
-
-
-@pytest.fixture(scope="module")
-def sampler_file(fixtures_dir):
-    path = fixtures_dir / "ref_sampler_a.safetensors"
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["harness"])
-    return load_file(str(path)), meta
 
 
 def _grid_keys(tensors):

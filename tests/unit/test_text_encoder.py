@@ -18,6 +18,7 @@ from infinitetalk.wanvideo.text_encoder import (T5LoadOptions, T5TextEncoder, bu
                                                 load_text_encoder, prepare_t5_state_dict, relative_position_bucket)
 from infinitetalk.wanvideo.tokenizer import (UMT5Tokenizer, clean_text, find_tokenizer, parse_prompt_weights,
                                              split_prompts)
+from parity import tensor_group
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "a talking woman sings a song in the park",
              "hello world this is a tiny tokenizer", "video of a man speaking to the camera with a calm voice"]
@@ -40,7 +41,7 @@ def t5_fixture(t5_fixtures):
 
 
 def _state_dict(fixture: dict) -> dict:
-    return {k[len("state_dict."):]: v for k, v in fixture.items() if k.startswith("state_dict.")}
+    return tensor_group(fixture, "state_dict")
 
 
 def _to_hf_layout(sd: dict) -> dict:

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from infinitetalk.wanvideo.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, WanVAE, load_vae,
                                        parse_precision)
 from infinitetalk.wanvideo.vae_tiling import TileSpec, tile_spans
+from parity import tensor_group
 
 torch.set_num_threads(1)
 
@@ -19,7 +20,7 @@ def fixture(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def state_dict(fixture):
-    return {k[len("state_dict."):]: v for k, v in fixture.items() if k.startswith("state_dict.")}
+    return tensor_group(fixture, "state_dict")
 
 
 @pytest.fixture(scope="module")

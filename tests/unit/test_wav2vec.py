@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from infinitetalk.multitalk import wav2vec as W
+from parity import tensor_group
 
 TOL = 1e-5
 
@@ -17,7 +18,7 @@ def fixture(fixtures_dir):
     path = fixtures_dir / "ref_wav2vec_a.safetensors"
     meta = json.loads(safe_open(str(path), "pt").metadata()["harness"])
     tensors = load_file(str(path))
-    state = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    state = tensor_group(tensors, "state_dict")
     return meta, tensors, state
 
 
