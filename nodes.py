@@ -949,11 +949,11 @@ class WanVideoSampler:
 
 
 @contextmanager
-def _placed(handle, device: torch.device, tokens: int, passes: int, force_offload: bool):
+def _placed(handle, vae, device: torch.device, tokens: int, passes: int, force_offload: bool):
     """Put the transformer on ``device`` for one run: first ComfyUI unloads its own models until the weights and
     activations fit (or as far as it can), then the model goes on the device whole, or with its blocks streamed by
     the block swapper (planned from what is free then). Afterwards the swapper lets go of its slots and, with
-    ``force_offload``, the weights go back to the offload device so other nodes get the VRAM."""
+    ``force_offload``, the transformer and the VAE go back to the offload device so other nodes get the VRAM."""
     mm = _model_management()
     model, args = handle.model, handle.block_swap_args or {}
     activations = estimate_activation_bytes(tokens, model.config.dim, model.config.ffn_dim, batch=passes)
@@ -970,6 +970,7 @@ def _placed(handle, device: torch.device, tokens: int, passes: int, force_offloa
             swapper = BlockSwapper.attach(model.blocks, plan, device)
     if swapper is None:
         model.to(device)
+    vae.to(device)
     try:
         yield model
     finally:
@@ -977,13 +978,14 @@ def _placed(handle, device: torch.device, tokens: int, passes: int, force_offloa
             swapper.detach()
         if force_offload:
             model.to(mm.unet_offload_device())
+            vae.to(mm.unet_offload_device())
             mm.soft_empty_cache()
 
 
 def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, force_offload: bool):
     mm = _model_management()
     device = mm.get_torch_device()
-    vae = image_embeds["vae"].to(device)
+    vae = image_embeds["vae"]
     output_path = image_embeds.get("output_path") or ""
     sink = PngSink(Path(output_path)) if output_path else MemorySink()
     bar = _progress(1)
@@ -995,7 +997,7 @@ def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, for
                               before_model=handle.loras.set_step if handle.loras else None)
     _, lat_t, lat_h, lat_w = image_embeds["target_shape"]
     passes = 3 if settings.batched_cfg else 1
-    with _placed(handle, device, lat_t * (lat_h // 2) * (lat_w // 2), passes, force_offload) as transformer:
+    with _placed(handle, vae, device, lat_t * (lat_h // 2) * (lat_w // 2), passes, force_offload) as transformer:
         InfiniteTalkLoop(transformer, vae, settings, device).run(inputs, sink, callbacks)
     frames = sink.result()
     video = torch.zeros(1, 64, 64, 3) if frames is None else frames * 2 - 1
