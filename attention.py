@@ -266,7 +266,7 @@ _KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
     KernelSpec("sage3_fp4", "SageAttention 3 (Blackwell FP4)", ext.sage3_run, ccs=((12, 0), (12, 1)),
                head_dims=(64, 128), layout=Layout.HND, mutates_k=True, package="sageattn3",
                install=ext.SAGE3_INSTALL, tolerance=0.3),
-    KernelSpec("triton_fp8", "this pack's Triton FP8 attention for sm_90 (UNVERIFIED on a GPU so far)",
+    KernelSpec("triton_fp8", "this pack's Triton INT8-QK / FP8-PV attention for sm_90",
                _triton_fp8_run, ccs=((9, 0),), head_dims=(64, 128), package="triton", install=ext.TRITON_INSTALL,
                tolerance=0.08),
 )}

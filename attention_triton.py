@@ -1,10 +1,14 @@
-"""8-bit attention in Triton for sm_90 (a helper kernel module of :mod:`attention`). UNVERIFIED on a GPU so far.
+"""8-bit attention in Triton for sm_90 (a helper kernel module of :mod:`attention`).
 
 Recipe (SageAttention-2-like): Q·Kᵀ in INT8 with one scale per 64 query rows and per 64 key rows of each head
 (K minus its mean over the sequence first, which leaves softmax unchanged), softmax in base 2 in float32, P·V in
 FP8 e4m3 (P scaled by 448, V with one scale per channel) with float32 accumulation promoted after every key block
 (``max_num_imprecise_acc``). ``attention.resolve`` uses it only after its self-test against float32 math passes
 and only where it beats the next exact kernel.
+
+P·V is computed transposed, as Oᵀ += Vᵀ·Pᵀ, so the FP8 P tile is the shared-memory operand of the GEMM. With P as
+the register operand (O += P·V), Triton 3.6 on an H200 returned non-finite outputs for every tile configuration
+tried, while the same kernel was exact under the interpreter (benchmarks/RESULTS.md, attention section).
 
     fp8_attention(q, k, v) -> out
     q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16, NHD, contiguous, D in {64, 128}; out [B, Lq, H, D] in q's dtype.
@@ -59,9 +63,10 @@ def _quant_v_fp8(V, Out, VScale, L, LP, H, stride_b, stride_l, stride_h, D: tl.c
 
 
 @triton.jit
-def _attn_blocks(acc, l_i, m_i, q, q_scale, K, Vt, KS, bh, lo, hi, Lk, LKP,
+def _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, lo, hi, Lk, LKP,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr):
-    """Online softmax over key blocks [lo, hi) of head ``bh``; keys >= Lk masked when MASK."""
+    """Online softmax over key blocks [lo, hi) of head ``bh``, accumulating Oᵀ [D, BLOCK_M]; keys >= Lk masked
+    when MASK."""
     cols = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -74,10 +79,10 @@ def _attn_blocks(acc, l_i, m_i, q, q_scale, K, Vt, KS, bh, lo, hi, Lk, LKP,
         p8 = (tl.math.exp2(s - m_new[:, None]) * 448.0).to(tl.float8e4nv)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p8.to(tl.float32), 1)
-        v = tl.load(Vt + bh * D * LKP + cols[None, :] * LKP + keys[:, None])
-        acc = tl.dot(p8, v, acc * alpha[:, None], max_num_imprecise_acc=BLOCK_N)
+        vt = tl.load(Vt + bh * D * LKP + cols[:, None] * LKP + keys[None, :])
+        acc_t = tl.dot(vt, tl.trans(p8), acc_t * alpha[None, :], max_num_imprecise_acc=BLOCK_N)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc_t, l_i, m_i
 
 
 @triton.jit
@@ -92,21 +97,21 @@ def _attn_fwd(Q, QS, K, KS, Vt, VS, Out, Lq, Lk, LQP, LKP, H, stride_ob, stride_
     q_scale = tl.load(QS + bh * (LQP // ROWS) + rows // ROWS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc_t = tl.zeros([D, BLOCK_M], tl.float32)
     full = (Lk // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, q_scale, K, Vt, KS, bh, 0, full, Lk, LKP, D, BLOCK_N, ROWS,
-                                 False)
+    acc_t, l_i, m_i = _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, 0, full, Lk, LKP, D, BLOCK_N,
+                                   ROWS, False)
     if full < Lk:
-        acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, q_scale, K, Vt, KS, bh, full, full + BLOCK_N, Lk, LKP, D,
-                                     BLOCK_N, ROWS, True)
+        acc_t, l_i, m_i = _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, full, full + BLOCK_N, Lk,
+                                       LKP, D, BLOCK_N, ROWS, True)
     v_scale = tl.load(VS + bh * D + cols)
-    out = acc * v_scale[None, :] / l_i[:, None]
+    out = tl.trans(acc_t) * v_scale[None, :] / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + cols[None, :],
              out.to(Out.dtype.element_ty), mask=rows[:, None] < Lq)
 
 
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3))]
+            for m, n, w, s in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3))]
 _attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["D", "LEN_KEY"])(_attn_fwd)
 _INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64}
 
