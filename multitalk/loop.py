@@ -1,12 +1,24 @@
-"""The InfiniteTalk long-video loop: windows of F frames overlapping by M motion frames, each denoised with the
-audio of its frames and conditioned on the reference image, decoded, colour-matched and streamed to a frame sink.
+"""The Multi/InfiniteTalk long-video loop: windows of F frames overlapping by M motion frames, each denoised with the
+audio of its frames, decoded, colour-matched and streamed to a frame sink. Two variants (``LoopInputs.variant``).
 
-Per window (workflow-spec §5.4, model-spec §4.4): fresh noise from the run's seeded CPU generator; ``y`` = mask +
-VAE latent of [reference frame, zeros]; clean motion latents (the reference frame for the first window, the last M
-decoded frames afterwards) pasted over the first latent frames before every model call and after every update; a
-fresh scheduler; text/audio guidance; VAE decode; colour matching against the window's reference frame; the frames
-not already emitted go to the sink. Only the motion frames survive a window (as a copy, so the decoded window can be
-freed), so host RAM and VRAM stay flat over any video length.
+InfiniteTalk variant, per window (workflow-spec §5.4, model-spec §4.4): fresh noise from the run's seeded CPU
+generator; ``y`` = mask + VAE latent of [reference frame, zeros]; clean motion latents (the reference frame for the
+first window, the last M decoded frames afterwards) pasted over the first latent frames before every model call and
+after every update; a fresh scheduler; text/audio guidance; VAE decode; colour matching against the window's
+reference frame; the frames not already emitted go to the sink. Only the motion frames survive a window (as a copy,
+so the decoded window can be freed), so host RAM and VRAM stay flat over any video length.
+
+MultiTalk variant (workflow-spec §5.5), otherwise the same: window 0 is conditioned on the first start image alone
+and nothing is pasted over its latent; window k >= 1 takes ``y`` from the VAE latent of [the previous window's last
+M frames, zeros] (mask 1 on latent frame 0 as above; the start image is not used again) and its first
+``1 + (M-1)//4`` latent frames are the motion latents. Before the first step and after every step those frames of x
+are set to ``(1 - t/1000) · motion + (t/1000) · ε`` (t: the timestep x is at, 0 after the last step; ε fresh from
+the run's generator each time). Colour matching always targets the first start image.
+
+Resume (``sink`` implementing :class:`~.frame_sink.ResumableSink`): before the first window the sink is given the
+run's fingerprint and may hand back a :class:`~.resume.Checkpoint`; the loop then restores the motion frames and the
+generator state and skips the finished windows, so the frames equal those of an uninterrupted run. After every
+window the sink gets a new checkpoint.
 
 Video-to-video (``LoopInputs.source``): window k starts from source latent frames ``[a, a + T)`` with
 ``a = k · ((F - M - 1) // 4 + 1)`` (last frame repeated past the end); with ``add_noise_to_samples`` (forced by
@@ -19,6 +31,7 @@ the sampler's latent. Mask 1 = regenerate freely, 0 = keep the source, in betwee
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -32,11 +45,17 @@ from ..wanvideo.vae import WAN21_Z_DIM, WanVAE
 from .colormatch import ColorMatch, match_colors
 from .guidance import (PASS_COND, PASS_DROP_AUDIO, PASS_DROP_TEXT, PASS_UNCOND, GuidanceConfig,
                        make_guided_denoiser)
-from .frame_sink import FrameSink
-from .windows import (Window, audio_windows, noise_mask_window, plan_windows, source_latent_offset,
+from .frame_sink import FrameSink, ResumableSink
+from .resume import Checkpoint, run_fingerprint
+from .windows import (Window, audio_windows, frames_before, noise_mask_window, plan_windows, source_latent_offset,
                       source_latent_window)
 
+log = logging.getLogger(__name__)
+
 MASK_CHANNELS = 4
+MULTITALK = "multitalk"
+INFINITETALK = "infinitetalk"
+LOOP_VARIANTS = (MULTITALK, INFINITETALK)
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,7 @@ class LoopInputs:
     ref_target_masks: [3, H, W] speaker / speaker / background masks (needed for two speakers), or None.
     colormatch: colour matching of each window to its reference frame (disabled by default).
     source: video-to-video source latents (and noise mask), or None for image-to-video.
+    variant: ``infinitetalk`` or ``multitalk`` (see the module docstring).
     """
 
     start_images: torch.Tensor
@@ -99,6 +119,7 @@ class LoopInputs:
     audio_scale: float = 1.0
     colormatch: ColorMatch = ColorMatch()
     source: Optional[SourceVideo] = None
+    variant: str = INFINITETALK
 
 
 @dataclass
@@ -170,10 +191,58 @@ def _check_inputs(inputs: LoopInputs, vae_stride: int) -> None:
         raise ValueError(f"frame size {width}x{height} does not fit the VAE stride {vae_stride} and patch size 2")
     if inputs.source is not None:
         _check_source(inputs.source, height, width, vae_stride)
+    if inputs.variant not in LOOP_VARIANTS:
+        raise ValueError(f"unknown loop variant {inputs.variant!r}; choose one of {', '.join(LOOP_VARIANTS)}")
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    """One window's image conditioning on the device: y [20, T, h, w]; motion latents [16, T_m, h, w] written over
+    x's first latent frames (None: nothing is written); ``renoise``: MultiTalk writes them re-noised to x's timestep
+    instead of clean; reference: the colour-match target [3, H, W] in [-1, 1] (CPU)."""
+
+    y: torch.Tensor
+    motion: Optional[torch.Tensor]
+    renoise: bool
+    reference: torch.Tensor
+
+
+def _motion_writer(cond: _Conditioning, generator: torch.Generator
+                   ) -> Optional[Callable[[torch.Tensor, StepContext], None]]:
+    """What the latent hook does to x [16, T, h, w] in place: paste the clean motion latents before every model call
+    and after every update (InfiniteTalk), or write them re-noised before the first step and after every step
+    (MultiTalk, fresh noise from ``generator`` each time)."""
+    motion = cond.motion
+    if motion is None:
+        return None
+    frames = motion.shape[1]
+    if not cond.renoise:
+        def paste(x: torch.Tensor, ctx: StepContext) -> None:
+            x[:, :frames] = motion
+        return paste
+
+    def renoise(x: torch.Tensor, ctx: StepContext) -> None:
+        if ctx.phase == PHASE_BEFORE_MODEL and ctx.step_index > 0:
+            return
+        noise = torch.randn(motion.shape, generator=generator).to(x.device)
+        x[:, :frames] = add_noise_to_samples(noise, motion, ctx.timestep)
+    return renoise
+
+
+def _check_checkpoint(checkpoint: Checkpoint, plan: list[Window], inputs: LoopInputs) -> None:
+    """The checkpoint fits the plan (its motion frames matter only if a window is left to run)."""
+    _, channels, height, width = inputs.start_images.shape
+    shape = (inputs.motion_frame, channels, height, width)
+    if not (1 <= checkpoint.next_window <= len(plan)
+            and checkpoint.frames_written == frames_before(plan, checkpoint.next_window)
+            and (checkpoint.next_window == len(plan) or tuple(checkpoint.motion_pixels.shape) == shape)):
+        raise RuntimeError(f"the resume checkpoint (window {checkpoint.next_window}, {checkpoint.frames_written} "
+                           f"frames, motion {tuple(checkpoint.motion_pixels.shape)}) does not fit this run's "
+                           f"{len(plan)} windows; delete its run folder under output_path to start over")
 
 
 class InfiniteTalkLoop:
-    """Runs the windows of one video. ``model`` and ``vae`` are already on ``device``."""
+    """Runs the windows of one video (either variant). ``model`` and ``vae`` are already on ``device``."""
 
     def __init__(self, model: torch.nn.Module, vae: WanVAE, settings: SamplerSettings, device: torch.device):
         self.model = model
@@ -183,31 +252,82 @@ class InfiniteTalkLoop:
 
     @torch.no_grad()
     def run(self, inputs: LoopInputs, sink: FrameSink, callbacks: Optional[LoopCallbacks] = None) -> list[Window]:
-        """Generate ``inputs.total_frames`` frames into ``sink``; returns the window plan that was run."""
+        """Generate ``inputs.total_frames`` frames into ``sink`` (continuing a checkpointed run if a resumable sink
+        has one); returns the window plan."""
         _check_inputs(inputs, self.vae.config.spatial_stride)
         callbacks = callbacks or LoopCallbacks()
         plan = plan_windows(inputs.total_frames, inputs.frame_window_size, inputs.motion_frame)
         state = _WindowState(motion_pixels=inputs.start_images[:1],
                              generator=torch.Generator("cpu").manual_seed(self.settings.seed))
-        for window in plan:
+        resumable = isinstance(sink, ResumableSink)
+        first = self._resume(inputs, plan, state, sink, callbacks) if resumable else 0
+        for window in plan[first:]:
             frames = self._window(inputs, window, state, callbacks, len(plan))
             end = window.emit_from + window.emit_count
             sink.write(((frames[window.emit_from:end] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
             state.motion_pixels = frames[end - inputs.motion_frame:end].clone()
             del frames
+            if resumable:
+                done = window.index + 1
+                sink.commit(Checkpoint(next_window=done, frames_written=frames_before(plan, done),
+                                       motion_pixels=state.motion_pixels, rng_state=state.generator.get_state()))
         return plan
+
+    def _resume(self, inputs: LoopInputs, plan: list[Window], state: _WindowState, sink: ResumableSink,
+                callbacks: LoopCallbacks) -> int:
+        """Let the sink pick the run folder; restore a checkpoint's state. Returns the first window to run."""
+        def fingerprint() -> dict:
+            if callbacks.before_model is not None:
+                callbacks.before_model(0)  # per-step LoRA weights as at step 0, as on a freshly loaded model
+            return run_fingerprint(inputs, self.settings, self.model, self.vae)
+
+        checkpoint = sink.open_run(inputs.variant, fingerprint)
+        if checkpoint is None:
+            return 0
+        _check_checkpoint(checkpoint, plan, inputs)
+        if checkpoint.next_window == len(plan):
+            log.info("all %d windows of this run are already written; nothing to do", len(plan))
+            return checkpoint.next_window
+        state.motion_pixels = checkpoint.motion_pixels.float()
+        state.generator.set_state(checkpoint.rng_state)
+        log.info("resuming at window %d of %d (%d frames already written)", checkpoint.next_window + 1, len(plan),
+                 checkpoint.frames_written)
+        return checkpoint.next_window
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[F, 3, H, W] in [-1, 1] -> latents [16, 1 + (F-1)//4, H/8, W/8] float32 on the device."""
         return self.vae.encode(pixels.to(self.device).permute(1, 0, 2, 3)[None])[0]
 
-    def _conditioning(self, reference: torch.Tensor, window: Window) -> torch.Tensor:
-        """y [20, T_lat, h, w]: mask (1 on latent frame 0) + latents of [reference, F-1 zero frames]."""
-        clip = torch.cat([reference[None], reference.new_zeros(window.num_frames - 1, *reference.shape)])
+    def _conditioning(self, lead: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """y [20, T_lat, h, w]: mask (1 on latent frame 0) + latents of [lead frames [n, 3, H, W], zero frames up to
+        ``num_frames``]."""
+        clip = torch.cat([lead, lead.new_zeros(num_frames - lead.shape[0], *lead.shape[1:])])
         latents = self._encode(clip)
         mask = torch.zeros(MASK_CHANNELS, *latents.shape[1:], device=self.device)
         mask[:, 0] = 1.0
         return torch.cat([mask, latents])
+
+    def _image_conditioning(self, state: _WindowState, image_index: int, image: torch.Tensor, window: Window
+                            ) -> torch.Tensor:
+        """y of [start image, zeros], encoded once per (image, window length)."""
+        key = (image_index, window.num_frames)
+        if state.conditioning is None or state.conditioning[0] != key:
+            state.conditioning = (key, self._conditioning(image[None], window.num_frames))
+        return state.conditioning[1]
+
+    def _window_conditioning(self, inputs: LoopInputs, window: Window, state: _WindowState) -> _Conditioning:
+        if inputs.variant == MULTITALK:
+            first = inputs.start_images[0]
+            if window.index == 0:
+                return _Conditioning(self._image_conditioning(state, 0, first, window), None, False, first)
+            y = self._conditioning(state.motion_pixels, window.num_frames)
+            return _Conditioning(y, y[MASK_CHANNELS:, :window.motion_latent_frames], True, first)
+        index = min(window.index, inputs.start_images.shape[0] - 1)
+        reference = inputs.start_images[index]
+        y = self._image_conditioning(state, index, reference, window)
+        motion_source = state.motion_pixels if window.index else reference[None]
+        motion = self._encode(motion_source)[:, :window.motion_latent_frames]
+        return _Conditioning(y, motion, False, reference)
 
     def _scheduler(self, generator: torch.Generator) -> FlowScheduler:
         s = self.settings
@@ -236,32 +356,28 @@ class InfiniteTalkLoop:
     def _window(self, inputs: LoopInputs, window: Window, state: _WindowState, callbacks: LoopCallbacks,
                 windows: int) -> torch.Tensor:
         """Denoise, decode and colour-match one window; returns its frames [F, 3, H, W] in [-1, 1] on the CPU."""
-        reference_index = min(window.index, inputs.start_images.shape[0] - 1)
-        reference = inputs.start_images[reference_index]
-        key = (reference_index, window.num_frames)
-        if state.conditioning is None or state.conditioning[0] != key:
-            state.conditioning = (key, self._conditioning(reference, window))
-        y = state.conditioning[1]
-        motion_source = state.motion_pixels if window.index else reference[None]
-        motion = self._encode(motion_source)[:, :window.motion_latent_frames]
+        cond = self._window_conditioning(inputs, window, state)
+        y = cond.y
         noise = torch.randn(y.shape[0] - MASK_CHANNELS, *y.shape[1:], generator=state.generator).to(self.device)
         scheduler = self._scheduler(state.generator)
         source = self._source(inputs, window, noise)
         guidance = GuidanceConfig(text_scale=self.settings.cfg, audio_scale=self.settings.audio_cfg)
         denoise = make_guided_denoiser(_Predictor(self, inputs, window, y), guidance)
+        write_motion = _motion_writer(cond, state.generator)
 
         def latent_hook(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
             if source is not None and ctx.phase == PHASE_AFTER_STEP:
                 x = differential_blend(x, source, ctx)
             if callbacks.before_model is not None and ctx.phase == PHASE_BEFORE_MODEL:
                 callbacks.before_model(ctx.step_index)
-            x[:, :motion.shape[1]] = motion
+            if write_motion is not None:
+                write_motion(x, ctx)
             return x
 
         result = sample(denoise, self._start_latent(noise, source, scheduler), scheduler,
                         _sample_callbacks(callbacks, latent_hook, window.index, windows))
         frames = self.vae.decode(result.latent[None])[0].permute(1, 0, 2, 3)
-        return match_colors(frames, reference, inputs.colormatch).cpu()
+        return match_colors(frames, cond.reference, inputs.colormatch).cpu()
 
 
 def _sample_callbacks(callbacks: LoopCallbacks, hook: Callable[[torch.Tensor, StepContext], torch.Tensor],

@@ -75,6 +75,11 @@ def plan_windows(total_frames: int, frame_window_size: int, motion_frame: int) -
     return plan
 
 
+def frames_before(plan: list[Window], index: int) -> int:
+    """Frames emitted by the windows before window ``index`` of ``plan`` (what a run resumed there has written)."""
+    return sum(window.emit_count for window in plan[:index])
+
+
 def audio_windows(features: torch.Tensor, start: int, num_frames: int) -> torch.Tensor:
     """Per-frame audio neighbourhoods for frames ``start .. start+num_frames-1``.
 

@@ -92,7 +92,11 @@ def test_frames_stream_to_png_and_progress_is_reported(models, tmp_path):
     sink = PngSink(tmp_path / "frames")
     _run(models, _inputs(models[0], total_frames=12), SamplerSettings(scheduler="multitalk", steps=2, cfg=1.0,
                                                                        audio_cfg=1.0), sink, callbacks)
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_{i:05d}.png" for i in range(12)]
+    (run_folder,) = (tmp_path / "frames").iterdir()
+    assert run_folder == sink.folder and run_folder.name.endswith("_infinitetalk_output")
+    pngs = sorted(p.name for p in run_folder.iterdir() if p.suffix == ".png")
+    assert pngs == [f"frame_{i:05d}.png" for i in range(12)]
+    assert {p.name for p in run_folder.iterdir() if p.suffix != ".png"} == {"run.json", "resume.safetensors"}
     assert steps == [(0, 0, 2, 2), (0, 1, 2, 2), (1, 0, 2, 2), (1, 1, 2, 2)]
 
 
