@@ -13,6 +13,9 @@ Precision: the conv feature encoder always runs in float32 (``KEEP_FP32``), as f
 follows it is done in float32 too. This is a safety choice: on the tiny random fixture model a half-precision conv
 encoder differs from float32 by ~1e-3 (fp16) / ~1e-2 (bf16) relative; the real checkpoint was not measured here.
 Everything after the interpolation runs in the chosen dtype.
+
+:func:`download_wav2vec` fetches a Hugging Face wav2vec2 repository (config + one weights file) for the
+"(Down)load Wav2Vec Model" node; loading itself never downloads.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ REQUIRED_KEYS = ("feature_extractor.conv_layers.0.conv.weight", "feature_project
 HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "projector.", "classifier.")
 CTC_HINTS = ("960h", "ForCTC")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILES = ("config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True, eq=False)
@@ -274,6 +278,50 @@ def load_wav2vec(path: str | Path, precision: str = "fp16", model_type: Optional
              cfg.num_hidden_layers, cfg.hidden_size, precision, encoder.do_normalize,
              ", CTC fine-tune" if encoder.ctc_finetuned else "")
     return encoder
+
+
+def has_weights(folder: str | Path) -> bool:
+    """True when ``folder`` holds a Hugging Face wav2vec2 weights file (``model.safetensors`` or
+    ``pytorch_model.bin``)."""
+    return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
+
+
+def _manual_steps(repo_id: str, folder: Path, reason: str) -> str:
+    return (f"could not download {repo_id} into {folder} ({reason}). To install it by hand, put config.json, "
+            f"preprocessor_config.json and model.safetensors (or pytorch_model.bin) from "
+            f"https://huggingface.co/{repo_id} into {folder}, e.g. on a machine with internet access: "
+            f"`hf download {repo_id} {' '.join(CONFIG_FILES)} pytorch_model.bin --local-dir {folder}`, then copy "
+            "the folder over")
+
+
+def download_wav2vec(repo_id: str, folder: str | Path, endpoint: Optional[str] = None) -> Path:
+    """Download a wav2vec2 repository from the Hugging Face hub into ``folder`` and return ``folder``.
+
+    Only what :func:`load_wav2vec` reads is fetched: ``config.json``, ``preprocessor_config.json`` and one weights
+    file, ``model.safetensors`` when the repository has it, else ``pytorch_model.bin``. ``endpoint``: hub URL
+    (default ``$HF_ENDPOINT``, else huggingface.co). Raises RuntimeError naming ``folder`` and the manual steps when
+    huggingface_hub is missing, the hub cannot be reached (offline, ``HF_HUB_OFFLINE=1``) or the repository has no
+    weights file.
+    """
+    folder = Path(folder)
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as err:
+        raise RuntimeError(_manual_steps(repo_id, folder, "the huggingface_hub package is not installed")) from err
+    try:
+        for weights in WEIGHT_FILES:
+            snapshot_download(repo_id, local_dir=folder, allow_patterns=[*CONFIG_FILES, weights], endpoint=endpoint)
+            if (folder / weights).is_file():
+                break
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0]
+        reason = f"the hub at {endpoint or constants.ENDPOINT} could not be reached or refused: {detail}"
+        raise RuntimeError(_manual_steps(repo_id, folder, reason)) from err
+    if not has_weights(folder):
+        raise RuntimeError(_manual_steps(repo_id, folder, f"no {' or '.join(WEIGHT_FILES)} was downloaded"))
+    log.info("downloaded %s into %s", repo_id, folder)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- forward

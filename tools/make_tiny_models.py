@@ -15,6 +15,16 @@ like the released checkpoint it stands in for:
 * ``wav2vec2/wav2vec2_tiny.safetensors``: wav2vec2 (``wav2vec2.`` prefix, positional conv as ``weight_g`` /
   ``weight_v``) with the 12 layers x 768 the InfiniteTalk adapter needs, everything else tiny, fp16.
 
+:func:`make_comfy_layout_models` writes the same text-encoder and CLIP weights (same seeds, same values) in the key
+layouts ComfyUI's own loaders read, each with its Hugging Face style architecture config as JSON in the
+``comfy_config`` metadata entry (ComfyUI's CLIPLoader / CLIPVisionLoader recognise only the full-size umT5-XXL and
+ViT-L/H/G by their layer counts and widths, so a loader for tiny files must be told the sizes):
+
+* ``text_encoders/umt5_tiny_comfy.safetensors``: Hugging Face UMT5 encoder keys (``shared.weight``,
+  ``encoder.block.N.layer.…``, ``encoder.final_layer_norm.weight``) plus ``spiece_model``, bf16;
+* ``clip_vision/clip_vision_tiny_comfy.safetensors``: Hugging Face CLIP vision keys (``vision_model.…``, q/k/v
+  split, ``visual_projection.weight``), fp16.
+
 Deterministic (one seeded generator per file, parameters in sorted-name order), idempotent (a file whose metadata
 marker equals the one this version would write is skipped) and written atomically (temporary file, then rename).
 Random init: norm scales 1 + 0.1·N(0,1), other 1-D tensors 0.1·N(0,1), matrices N(0,1)/sqrt(fan_in).
@@ -29,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +76,9 @@ VAE = "vae/wan2.1_vae_tiny.safetensors"
 TEXT_ENCODER = "text_encoders/umt5_tiny.safetensors"
 CLIP_VISION = "clip_vision/clip_vision_tiny.safetensors"
 WAV2VEC2 = "wav2vec2/wav2vec2_tiny.safetensors"
+COMFY_TEXT_ENCODER = "text_encoders/umt5_tiny_comfy.safetensors"
+COMFY_CLIP_VISION = "clip_vision/clip_vision_tiny_comfy.safetensors"
+COMFY_CONFIG_KEY = "comfy_config"
 
 # Tokenizer training text: the bundled workflow's prompts, Wan's default negative prompt and a small grammar of
 # talking-head descriptions (so the unigram model learns whole English words).
@@ -121,6 +135,7 @@ class TinyFile:
     seed: int
     dtype: torch.dtype
     build: Callable[["TinyFile", TinySizes], dict[str, torch.Tensor]] = field(compare=False)
+    config: Optional[Callable[[dict[str, torch.Tensor]], dict]] = field(default=None, compare=False)
 
     def marker(self, sizes: TinySizes) -> str:
         """The metadata value identifying this file's recipe (one key, sorted JSON: byte-stable files)."""
@@ -292,6 +307,111 @@ def tiny_files() -> tuple[TinyFile, ...]:
     )
 
 
+# ------------------------------------------------------------------------------------------------ ComfyUI layouts
+
+# Wan umT5 block key -> Hugging Face UMT5 encoder block key (the names ComfyUI's comfy/text_encoders/t5.py uses).
+HF_T5_BLOCK_KEYS = (
+    ("norm1.weight", "layer.0.layer_norm.weight"),
+    ("attn.q.weight", "layer.0.SelfAttention.q.weight"),
+    ("attn.k.weight", "layer.0.SelfAttention.k.weight"),
+    ("attn.v.weight", "layer.0.SelfAttention.v.weight"),
+    ("attn.o.weight", "layer.0.SelfAttention.o.weight"),
+    ("pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight"),
+    ("norm2.weight", "layer.1.layer_norm.weight"),
+    ("ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight"),
+    ("ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"),
+    ("ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"),
+)
+# Wan CLIP ``visual`` key pattern -> Hugging Face CLIP vision key (ComfyUI's comfy/clip_model.py names).
+HF_CLIP_KEYS = (
+    (r"patch_embedding\.weight", "vision_model.embeddings.patch_embedding.weight"),
+    (r"pre_norm\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
+    (r"post_norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+    (r"transformer\.(\d+)\.norm([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
+    (r"transformer\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"transformer\.(\d+)\.mlp\.0\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
+    (r"transformer\.(\d+)\.mlp\.2\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
+)
+QKV_KEY = re.compile(r"transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)")
+
+
+def umt5_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wan-layout umT5 encoder keys -> Hugging Face UMT5 encoder keys (``spiece_model`` kept as is)."""
+    block_keys = dict(HF_T5_BLOCK_KEYS)
+    out = {}
+    for key, value in state.items():
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if block:
+            out[f"encoder.block.{block.group(1)}.{block_keys[block.group(2)]}"] = value
+        else:
+            out[{"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight",
+                 SPIECE_KEY: SPIECE_KEY}[key]] = value
+    return out
+
+
+def umt5_hf_config(state: dict[str, torch.Tensor]) -> dict:
+    """Hugging Face UMT5 config of an HF-layout encoder state dict (every size read from the shapes)."""
+    vocab, dim = state["shared.weight"].shape
+    buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.block.")})
+    return {"model_type": "umt5", "vocab_size": vocab, "d_model": dim, "num_heads": heads, "num_layers": layers,
+            "d_kv": state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+            "d_ff": state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+            "relative_attention_num_buckets": buckets, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+            "layer_norm_epsilon": 1e-6, "pad_token_id": 0, "eos_token_id": 1}
+
+
+def build_text_encoder_comfy(spec: TinyFile, sizes: TinySizes) -> dict[str, torch.Tensor]:
+    """The tiny umT5 (same seed, same values as ``build_text_encoder``) in the Hugging Face UMT5 layout."""
+    return umt5_to_hf(build_text_encoder(spec, sizes))
+
+
+def clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wan ``visual.*`` CLIP keys (+ ``log_scale``, dropped) -> Hugging Face CLIP vision keys: to_qkv split into
+    q/k/v_proj, ``cls_embedding`` [1, 1, D] -> [D], ``pos_embedding`` [1, N, D] -> [N, D], ``head`` transposed."""
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    out = {"vision_model.embeddings.class_embedding": visual.pop("cls_embedding").reshape(-1),
+           "vision_model.embeddings.position_embedding.weight": visual.pop("pos_embedding")[0],
+           "visual_projection.weight": visual.pop("head").t().contiguous()}
+    for key, value in visual.items():
+        qkv = QKV_KEY.fullmatch(key)
+        if qkv:
+            prefix = f"vision_model.encoder.layers.{qkv.group(1)}.self_attn"
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{name}_proj.{qkv.group(2)}"] = part.clone()
+            continue
+        pattern, target = next((p, t) for p, t in HF_CLIP_KEYS if re.fullmatch(p, key))
+        out[re.sub(pattern, target, key)] = value
+    return out
+
+
+def clip_hf_config(state: dict[str, torch.Tensor]) -> dict:
+    """Hugging Face CLIP vision config (exact-erf GELU as open-clip XLM-R ViT-H; heads from HEADS_BY_WIDTH)."""
+    dim, _, patch, _ = state["vision_model.embeddings.patch_embedding.weight"].shape
+    tokens = state["vision_model.embeddings.position_embedding.weight"].shape[0]
+    layers = len({k.split(".")[3] for k in state if k.startswith("vision_model.encoder.layers.")})
+    return {"model_type": "clip_vision_model", "hidden_size": dim, "num_attention_heads": dict(HEADS_BY_WIDTH)[dim],
+            "num_hidden_layers": layers, "patch_size": patch, "image_size": round((tokens - 1) ** 0.5) * patch,
+            "intermediate_size": state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            "projection_dim": state["visual_projection.weight"].shape[0], "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5, "num_channels": 3}
+
+
+def build_clip_vision_comfy(spec: TinyFile, sizes: TinySizes) -> dict[str, torch.Tensor]:
+    """The tiny CLIP vision tower (same seed, same values as ``build_clip_vision``) in the Hugging Face layout."""
+    return clip_to_hf(build_clip_vision(spec, sizes))
+
+
+def comfy_layout_files() -> tuple[TinyFile, ...]:
+    """Every file :func:`make_comfy_layout_models` writes: seeds and dtypes equal their Wan-layout twins'."""
+    return (
+        TinyFile("text_encoder_comfy", COMFY_TEXT_ENCODER, 1004, torch.bfloat16, build_text_encoder_comfy,
+                 umt5_hf_config),
+        TinyFile("clip_vision_comfy", COMFY_CLIP_VISION, 1005, torch.float16, build_clip_vision_comfy,
+                 clip_hf_config),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ writing
 
 
@@ -311,17 +431,17 @@ def write_file(spec: TinyFile, sizes: TinySizes, path: Path) -> None:
     """Build the tensors and write them atomically (``<name>.partial`` then rename) with the recipe marker."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(spec.build(spec, sizes), str(partial), metadata={MARKER_KEY: spec.marker(sizes)})
+    state = spec.build(spec, sizes)
+    metadata = {MARKER_KEY: spec.marker(sizes)}
+    if spec.config is not None:
+        metadata[COMFY_CONFIG_KEY] = json.dumps(spec.config(state), sort_keys=True)
+    save_file(state, str(partial), metadata=metadata)
     os.replace(partial, path)
 
 
-def make_tiny_models(models_dir: Path, roles: Optional[Sequence[str]] = None,
-                     sizes: Optional[TinySizes] = None) -> dict[str, TinyResult]:
-    """Write the tiny models under ``models_dir`` (a ComfyUI ``models`` folder); files already carrying this
-    version's marker are left alone. ``roles``: a subset of transformer, adapter, vae, text_encoder, clip_vision,
-    wav2vec2 (default all). Returns role -> :class:`TinyResult`."""
+def _make(specs: Sequence[TinyFile], models_dir: Path, roles: Optional[Sequence[str]],
+          sizes: Optional[TinySizes]) -> dict[str, TinyResult]:
     sizes = sizes or TinySizes()
-    specs = tiny_files()
     known = [s.role for s in specs]
     unknown = sorted(set(roles or ()) - set(known))
     if unknown:
@@ -336,6 +456,21 @@ def make_tiny_models(models_dir: Path, roles: Optional[Sequence[str]] = None,
             write_file(spec, sizes, path)
         results[spec.role] = TinyResult(path=path, written=stale, bytes=path.stat().st_size)
     return results
+
+
+def make_tiny_models(models_dir: Path, roles: Optional[Sequence[str]] = None,
+                     sizes: Optional[TinySizes] = None) -> dict[str, TinyResult]:
+    """Write the tiny models under ``models_dir`` (a ComfyUI ``models`` folder); files already carrying this
+    version's marker are left alone. ``roles``: a subset of transformer, adapter, vae, text_encoder, clip_vision,
+    wav2vec2 (default all). Returns role -> :class:`TinyResult`."""
+    return _make(tiny_files(), models_dir, roles, sizes)
+
+
+def make_comfy_layout_models(models_dir: Path, roles: Optional[Sequence[str]] = None,
+                             sizes: Optional[TinySizes] = None) -> dict[str, TinyResult]:
+    """Write the ComfyUI-layout twins of the tiny text encoder and CLIP vision model (``text_encoder_comfy``,
+    ``clip_vision_comfy``; same weights) with their architecture config in the ``comfy_config`` metadata entry."""
+    return _make(comfy_layout_files(), models_dir, roles, sizes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
