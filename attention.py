@@ -25,9 +25,10 @@ import functools
 import logging
 import math
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -424,6 +425,32 @@ def _pick(chain: tuple[KernelSpec, ...], q, k, v, allow_cast: bool):
                        f"{q.device}; resolve the back-end for this device")
 
 
+_CHECKS: ContextVar[Optional[set]] = ContextVar("infinitetalk_attention_checks", default=None)
+
+
+@contextmanager
+def operand_checks(enabled: bool = True) -> Iterator[None]:
+    """Inside (when ``enabled``: the sampler's ``force_contiguous_tensors``), every attention call verifies the
+    operands it hands its kernel (contiguous in the kernel's layout, 16-byte aligned; RuntimeError naming the kernel
+    otherwise) and logs once per kernel and operand an input that arrived non-contiguous and was copied."""
+    token = _CHECKS.set(set() if enabled else None)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
+
+
+def _verify_operands(spec: KernelSpec, given: tuple, used: tuple, reported: set) -> None:
+    for name, t, op in zip("qkv", given, used):
+        if not op.is_contiguous() or op.data_ptr() % ALIGN_BYTES:
+            raise RuntimeError(f"attention kernel {spec.name}: operand {name} {tuple(op.shape)} is not contiguous "
+                               f"and {ALIGN_BYTES}-byte aligned (strides {op.stride()}, address {op.data_ptr():#x})")
+        if not t.is_contiguous() and (spec.name, name) not in reported:
+            reported.add((spec.name, name))
+            log.info("force_contiguous_tensors: attention input %s %s of %s arrived with strides %s; copied to a "
+                     "contiguous %s operand", name, tuple(t.shape), spec.name, t.stride(), spec.layout.value)
+
+
 @torch.compiler.disable  # runs eagerly inside compiled models: one graph break instead of several
 def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> torch.Tensor:
     """Dispatch one call to the first kernel of ``chain`` that takes it; padded keys go to a masked kernel as a
@@ -436,6 +463,9 @@ def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> to
         return torch.cat([_run(chain, allow_cast, q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], None)
                           for b, n in enumerate(lens)])
     spec, qp, kp, vp = _pick(chain, q, k, v, allow_cast)
+    reported = _CHECKS.get()
+    if reported is not None:
+        _verify_operands(spec, (q, k, v), (qp, kp, vp), reported)
     out = spec.run(qp, kp, vp, None if lens is None else torch.tensor(lens, device=q.device))
     out = out.transpose(1, 2) if spec.layout is Layout.HND else out
     return out.to(q.dtype).contiguous()

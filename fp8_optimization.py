@@ -56,15 +56,17 @@ import contextlib
 import enum
 import functools
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .quant_formats import (E4M3, E5M2, MXFP4_BLOCK, NVFP4_BLOCK, GemmOperands, Kernel, check_operands,
-                            dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, nvfp4_to_e4m3,
+                            dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, eager_quantization,
+                            nvfp4_to_e4m3,
                             quantize_fp8, quantize_mxfp4, quantize_nvfp4, quantize_nvfp4_activations,
                             quantize_rows_e4m3, quantize_tensor_e4m3, relative_error, round_up,
                             swizzle_block_scales)
@@ -100,6 +102,107 @@ class QuantMode(str, enum.Enum):
 QUANT_MODES = tuple(m.value for m in QuantMode)
 
 
+@dataclass(frozen=True)
+class LinearRuntime:
+    """Per-run switches (the sampler's extra inputs). ``cublas_only``: quantization helpers run eagerly, so the
+    only kernels of a quantized layer are cuBLAS/cuBLASLt GEMMs (``use_cublas_gemm``); ``fuse_qkv``: :func:`fused_projection`
+    runs the q/k/v projections as one GEMM (``fuse_qkv_projections``); ``report_layouts``: log once per layer an
+    input that needed a layout copy before its GEMM (``force_contiguous_tensors``)."""
+
+    cublas_only: bool = False
+    fuse_qkv: bool = False
+    report_layouts: bool = False
+
+
+_RUNTIME: ContextVar[tuple[LinearRuntime, set]] = ContextVar("infinitetalk_linear_runtime",
+                                                             default=(LinearRuntime(), set()))
+
+
+@contextlib.contextmanager
+def linear_runtime(settings: LinearRuntime) -> Iterator[None]:
+    """Apply ``settings`` to every Linear call inside (this thread / task only)."""
+    token = _RUNTIME.set((settings, set()))
+    try:
+        with eager_quantization(settings.cublas_only):
+            yield
+    finally:
+        _RUNTIME.reset(token)
+
+
+def _report_layout(layer: str, x: torch.Tensor, fix: str) -> None:
+    settings, reported = _RUNTIME.get()
+    if settings.report_layouts and layer not in reported:
+        reported.add(layer)
+        log.info("force_contiguous_tensors: %s got input %s with strides %s at address %#x; %s before the GEMM",
+                 layer, tuple(x.shape), x.stride(), x.data_ptr(), fix)
+
+
+def fused_projection(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+    """Under ``linear_runtime(LinearRuntime(fuse_qkv=True))``: ``[layer(x) for layer in layers]`` for Linears of
+    one class with equal ``in_features`` (q, k, v), computed as one GEMM over their weights concatenated along N
+    (one activation quantization and one fp8 GEMM for the fp8 GEMM kernels, one dequantize-and-GEMM otherwise).
+    Outputs equal the separate calls within rounding; they are column slices of one [..., sum N] tensor.
+
+    Returns None when the switch is off or the layers cannot be fused (different classes, hooks such as unmerged
+    LoRAs, a kernel without a fused form): the caller then runs the layers one by one, in the order that keeps
+    the fewest activations alive.
+    """
+    kernel = _fusable_kernel(layers, x) if _RUNTIME.get()[0].fuse_qkv else None
+    if kernel is None:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if kernel is Kernel.FP8_ROWWISE:
+        parts = _fused_fp8_rowwise(layers, rows)
+    else:
+        weights = [layer.weight.to(x.dtype) if isinstance(layer, CastLinear) else layer.dequantized_weight(x.dtype)
+                   for layer in layers]
+        bias = None if layers[0].bias is None else torch.cat([layer.bias.to(x.dtype) for layer in layers])
+        y = F.linear(rows, torch.cat(weights), bias)
+        parts = y.split([layer.out_features for layer in layers], dim=1)
+    return [part.unflatten(0, x.shape[:-1]) for part in parts]
+
+
+def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Kernel]:
+    """The GEMM a fused call of ``layers`` runs, or None when they must run one by one."""
+    first = layers[0]
+    if (len({type(layer) for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1
+            or any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)):
+        return None
+    if isinstance(first, CastLinear):
+        return Kernel.DENSE
+    if isinstance(first, QuantLinear):
+        kernel = first.kernel_override or select_kernel(type(first), x.device, x.dtype)
+        return kernel if kernel in (Kernel.DENSE, Kernel.FP8_ROWWISE) else None
+    return None
+
+
+def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor) -> list[torch.Tensor]:
+    """One row-wise fp8 GEMM for several fp8 layers: their weights [sum n_pad, k_pad] and [1, sum n_pad] scales
+    concatenated, the activation quantized once; returns each layer's [M, out_features] (column slices)."""
+    operands = [layer._fp8_operands() for layer in layers]
+    w8, scale_b = torch.cat([w for w, _ in operands]), torch.cat([scale for _, scale in operands], dim=1)
+    biases = [layer._bias_as(rows.dtype, padded=True) for layer in layers]
+    bias = None if biases[0] is None else torch.cat(biases)
+    if not rows.is_contiguous() or rows.data_ptr() % 16:
+        rows = rows.contiguous() if not rows.is_contiguous() else rows.clone()
+    name = "+".join(layer.layer_name for layer in layers)
+    y = _fp8_rowwise_gemm(name, rows, w8, scale_b, bias, layers[0])
+    parts = y.split([layer.n_pad for layer in layers], dim=1)
+    return [part[:, :layer.out_features] for part, layer in zip(parts, layers)]
+
+
+def _fp8_rowwise_gemm(name: str, rows: torch.Tensor, w8: torch.Tensor, scale_b: torch.Tensor,
+                      bias: Optional[torch.Tensor], layer: "QuantLinear") -> torch.Tensor:
+    """rows [M, K] contiguous -> [M, n_pad] of the rows' dtype: per-token e4m3 activations x e4m3 weight [n_pad,
+    k_pad] (passed transposed, column-major); the bias is fused into the GEMM except for float32 outputs."""
+    a, scale_a = quantize_rows_e4m3(rows, layer.k_pad - layer.in_features)
+    fuse_bias = rows.dtype != torch.float32
+    op = GemmOperands(name, Kernel.FP8_ROWWISE, a, w8.t(), scale_a, scale_b, bias if fuse_bias else None,
+                      rows.dtype)
+    y = _scaled_mm(op, layer.use_fast_accum)
+    return y if fuse_bias or bias is None else y + bias
+
+
 class CastLinear(nn.Linear):
     """Linear whose stored weight dtype may differ from the compute dtype: cast per call to the input's dtype."""
 
@@ -108,6 +211,8 @@ class CastLinear(nn.Linear):
         self.layer_name = type(self).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            _report_layout(self.layer_name, x, "F.linear handles it (cuBLAS may copy)")
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
@@ -330,6 +435,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != in_features {self.in_features}")
         kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
         rows = x.reshape(-1, self.in_features)
+        if not x.is_contiguous() or rows.data_ptr() % 16:
+            _report_layout(self.layer_name, x, "made contiguous and 16-byte aligned")
         if not rows.is_contiguous():
             rows = rows.contiguous()
         elif rows.data_ptr() % 16:
@@ -353,12 +460,8 @@ class QuantLinear(nn.Module):
 
     def _run_fp8_rowwise(self, rows: torch.Tensor) -> torch.Tensor:
         w8, scale_b = self._fp8_operands()
-        a, scale_a = quantize_rows_e4m3(rows, self.k_pad - self.in_features)
-        fuse_bias = rows.dtype != torch.float32
-        bias = self._bias_as(rows.dtype, padded=True) if fuse_bias else None
-        op = GemmOperands(self.layer_name, Kernel.FP8_ROWWISE, a, w8.t(), scale_a, scale_b, bias, rows.dtype)
-        y = self._crop(_scaled_mm(op, self.use_fast_accum))
-        return y if fuse_bias or self.bias is None else y + self.bias.to(y.dtype)
+        bias = self._bias_as(rows.dtype, padded=True)
+        return self._crop(_fp8_rowwise_gemm(self.layer_name, rows, w8, scale_b, bias, self))
 
     def _run_fp8_tensorwise(self, rows: torch.Tensor) -> torch.Tensor:
         w8, scale_b = self._fp8_operands()

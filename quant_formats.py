@@ -22,12 +22,14 @@ quantization reads its input about once) and as plain eager torch on other devic
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import importlib.util
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +63,32 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_EAGER = ContextVar("infinitetalk_eager_quantization", default=False)
+
+
+@contextlib.contextmanager
+def eager_quantization(enabled: bool = True) -> Iterator[None]:
+    """Inside (when ``enabled``), :func:`fused` functions run eagerly: no generated (Triton) kernels around the
+    cuBLAS GEMMs, at the cost of a few more passes over the tensors."""
+    token = _EAGER.set(enabled)
+    try:
+        yield
+    finally:
+        _EAGER.reset(token)
+
+
 def fused(dynamic_rows: bool = False) -> Callable[[Callable], Callable]:
     """Run the decorated function as ``torch.compile``-generated kernels when its first argument is a CUDA tensor
     and Triton is installed (one pass over the tensor instead of several eager ones), eagerly otherwise.
 
     Shapes are static (one kernel per weight shape, tuned for it); with ``dynamic_rows`` dim 0 (tokens) of the
-    tensor arguments stays symbolic so every batch size shares one kernel per activation width.
+    tensor arguments stays symbolic so every batch size shares one kernel per activation width. Eager inside
+    :func:`eager_quantization`.
     """
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def call(first: torch.Tensor, *args):
-            if not (first.is_cuda and _triton_available()):
+            if not (first.is_cuda and _triton_available()) or _EAGER.get():
                 return fn(first, *args)
             if dynamic_rows:
                 for tensor in (first, *args):

@@ -9,9 +9,9 @@ What one forward is: the stack of ``--layers`` InfiniteTalk blocks (self-attenti
 audio cross-attention, FFN) at dim 5120 / 40 heads / FFN 13824, random weights, over one CFG branch of the token
 grid (21x30x52 = 32760 tokens for 832x480, 81 frames), bf16 activations. The embeddings and the head are not
 included. For each quantization mode, each ``blocks_to_swap`` and each number of copy streams it attaches a
-:class:`BlockSwapper` (WanVideoEnhancedBlockSwap arguments, auto tuning off, bandwidth_target 0.8 -> prefetch 2),
-times one first forward and then ``--reps`` forwards (wall clock with a device synchronize, median), and reads
-the peak VRAM over the timed forwards (torch max_memory_allocated), the host arena size and the process RSS.
+:class:`BlockSwapper` (WanVideoEnhancedBlockSwap arguments, auto tuning off, ``--bandwidth-target``, default 0.8
+-> prefetch 2), times one first forward and then ``--reps`` forwards (wall clock with a device synchronize,
+median), and reads the peak VRAM over the timed forwards (torch max_memory_allocated), the host arena size and the process RSS.
 Writes blockswap_bench.json and blockswap_bench.md to --out and prints the table.
 """
 from __future__ import annotations
@@ -117,8 +117,9 @@ def _forward(blocks, inputs, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _measure(blocks, inputs, device, mode, count, streams, reps) -> Row:
-    args = {"blocks_to_swap": count, "auto_hardware_tuning": False, "num_cuda_streams": streams}
+def _measure(blocks, inputs, device, mode, count, streams, reps, bandwidth_target) -> Row:
+    args = {"blocks_to_swap": count, "auto_hardware_tuning": False, "num_cuda_streams": streams,
+            "bandwidth_target": bandwidth_target}
     plan = plan_block_swap(args, [block_nbytes(b) for b in blocks], 1 << 50, 0)
     start = time.perf_counter()
     swapper = BlockSwapper.attach(blocks, plan, device)
@@ -153,7 +154,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
         mode_rows = []
         for count in swaps:
             for n in streams if count else streams[:1]:
-                row = _measure(blocks, inputs, device, mode, count, n, opts.reps)
+                row = _measure(blocks, inputs, device, mode, count, n, opts.reps, opts.bandwidth_target)
                 mode_rows.append(row)
                 print(f"{mode} swap {count} streams {row.streams}: {row.ms:.1f} ms, first {row.first_ms:.1f} ms, "
                       f"peak {row.peak_vram_gib:.2f} GiB, rss {row.rss_gib:.1f} GiB", flush=True)
@@ -165,6 +166,31 @@ def run(opts: argparse.Namespace) -> list[Row]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def block_peaks(opts: argparse.Namespace) -> list[tuple[str, float]]:
+    """Activation peak (GiB above weights and inputs) of one block forward, per stretch of code: each leaf module
+    and the code between two leaf modules (``before <module>``), from ``max_memory_allocated`` between hooks."""
+    device = torch.device(opts.device)
+    cfg = WanConfig(dim=opts.dim, ffn_dim=opts.ffn, num_heads=opts.dim // 128, num_layers=1, audio=AudioConfig())
+    blocks = _build_blocks(cfg, opts.modes.split(",")[0], device)
+    inputs = _inputs(cfg, tuple(int(v) for v in opts.grid.split(",")), opts.context, device)
+    _forward(blocks, inputs, device)
+    base, peaks = torch.cuda.memory_allocated(device), []
+
+    def record(label: str) -> None:
+        torch.cuda.synchronize(device)
+        peaks.append((label, (torch.cuda.max_memory_allocated(device) - base) / 2**30))
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for name, module in blocks[0].named_modules():
+        if name and not list(module.children()):
+            module.register_forward_pre_hook(lambda m, a, n=name: record(f"before {n}"))
+            module.register_forward_hook(lambda m, a, o, n=name: record(n))
+    torch.cuda.reset_peak_memory_stats(device)
+    _forward(blocks, inputs, device)
+    record("after the block")
+    return sorted(peaks, key=lambda p: -p[1])
 
 
 def table(rows: list[Row]) -> str:
@@ -189,8 +215,16 @@ def main() -> None:
     parser.add_argument("--swaps", default="0,10,20,40")
     parser.add_argument("--streams", default="1,4,16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--bandwidth-target", type=float, default=0.8,
+                        help="WanVideoEnhancedBlockSwap bandwidth_target: prefetch depth ceil(1/target), slots +1")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--where", action="store_true",
+                        help="instead: where one block of the first mode peaks in VRAM (top 8 stretches of code)")
     opts = parser.parse_args()
+    if opts.where:
+        for label, gib in block_peaks(opts)[:8]:
+            print(f"{label:45s} {gib:.2f} GiB")
+        return
     rows = run(opts)
     card = torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -9,7 +9,12 @@ glibc's ``malloc_trim(0)`` (free heap pages that malloc keeps for reuse make the
 of MiB from window to window without any growth). The run passes when the live RSS from window 2 to the last window
 stays within ``--tolerance`` (default 2 %) of its minimum; on CUDA the same holds for allocated VRAM.
 
+``--model 14b`` runs the real-sized models instead (GPU): the 14B-shaped transformer with the adapter and the
+full-size VAE, random weights built in memory (``tools/random_models.py``), in bf16 with ``--quantization``.
+
 Usage: ``python benchmarks/loop_memory.py [--windows 20] [--steps 2] [--device cpu] [--sink png] [--out r.json]``
+Real size: ``python benchmarks/loop_memory.py --model 14b --device cuda --width 832 --height 480 --window 33
+--motion 9 --quantization fp8_e4m3fn_scaled``
 """
 from __future__ import annotations
 
@@ -37,10 +42,15 @@ from make_tiny_models import ADAPTER, TRANSFORMER, VAE, make_tiny_models  # noqa
 from infinitetalk.multitalk.colormatch import ColorMatch  # noqa: E402
 from infinitetalk.multitalk.frame_sink import MemorySink, PngSink  # noqa: E402
 from infinitetalk.multitalk.loop import InfiniteTalkLoop, LoopCallbacks, LoopInputs, SamplerSettings  # noqa: E402
+from infinitetalk.attention import resolve  # noqa: E402
+from infinitetalk.fp8_optimization import ops_for  # noqa: E402
+from infinitetalk.multitalk.model import InfiniteTalkModel  # noqa: E402
 from infinitetalk.multitalk.pipeline import ModelRequest, load_transformer  # noqa: E402
+from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model  # noqa: E402
+from infinitetalk.wanvideo.config import AudioConfig, WanConfig  # noqa: E402
 from infinitetalk.wanvideo.vae import load_vae  # noqa: E402
+from random_models import random_state, random_vae, state_as_checkpoint  # noqa: E402
 
-WINDOW, MOTION = 9, 5
 MIB = 2 ** 20
 
 
@@ -114,13 +124,13 @@ class ProbeSink:
 def loop_inputs(model, args: argparse.Namespace) -> LoopInputs:
     """Random conditioning for ``args.windows`` full windows of ``args.height`` x ``args.width`` frames."""
     gen = torch.Generator().manual_seed(0)
-    total = WINDOW + (args.windows - 1) * (WINDOW - MOTION)
+    total = args.window + (args.windows - 1) * (args.window - args.motion)
     acfg, cfg = model.config.audio, model.config
     return LoopInputs(start_images=torch.rand(1, 3, args.height, args.width, generator=gen) * 2 - 1,
                       audio_features=[torch.randn(total, acfg.audio_blocks, acfg.audio_channels, generator=gen)],
                       prompts=[torch.randn(12, cfg.text_dim, generator=gen)],
                       negative=torch.randn(10, cfg.text_dim, generator=gen), total_frames=total,
-                      frame_window_size=WINDOW, motion_frame=MOTION,
+                      frame_window_size=args.window, motion_frame=args.motion,
                       clip_context=torch.randn(1, 257, cfg.clip_dim, generator=gen), colormatch=ColorMatch("lab"))
 
 
@@ -129,12 +139,28 @@ def spread(values: list[int]) -> float:
     return (max(values) - min(values)) / min(values)
 
 
-def run(args: argparse.Namespace, work: Path) -> list[WindowSample]:
-    device = torch.device(args.device)
+def real_size_models(device: torch.device, quantization: str):
+    """The 14B-shaped transformer (bf16 compute, ``quantization`` storage) and the full-size VAE (bf16) on
+    ``device``, random weights."""
+    dtype = torch.bfloat16
+    options = LoadOptions(dtype=dtype, device=str(device), ops=ops_for(quantization),
+                          attention=resolve("sdpa", device, dtype))
+    cfg = WanConfig(audio=AudioConfig())
+    model = load_model(InfiniteTalkModel, state_as_checkpoint(random_state(cfg, device), device), options)
+    return model, random_vae(device, dtype)
+
+
+def tiny_models(work: Path, device: torch.device):
     make_tiny_models(work / "models", roles=["transformer", "adapter", "vae"])
     model = load_transformer(ModelRequest(work / "models" / TRANSFORMER, work / "models" / ADAPTER, "fp32"), device)
     vae = load_vae(work / "models" / VAE, "fp32")
-    model, vae = model.to(device), vae.to(device)
+    return model.to(device), vae.to(device)
+
+
+def run(args: argparse.Namespace, work: Path) -> list[WindowSample]:
+    device = torch.device(args.device)
+    model, vae = (real_size_models(device, args.quantization) if args.model == "14b"
+                  else tiny_models(work, device))
     settings = SamplerSettings(scheduler="euler", steps=args.steps, shift=5.0, seed=1, cfg=1.0, audio_cfg=2.0)
     sink = ProbeSink(PngSink(work / "frames") if args.sink == "png" else MemorySink(), device)
     InfiniteTalkLoop(model, vae, settings, device).run(loop_inputs(model, args), sink, LoopCallbacks())
@@ -172,15 +198,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sink", choices=("png", "memory"), default="png",
                         help="png: frames streamed to files (RAM must stay flat); memory: all frames kept (grows)")
     parser.add_argument("--tolerance", type=float, default=0.02)
+    parser.add_argument("--model", choices=("tiny", "14b"), default="tiny")
+    parser.add_argument("--quantization", default="disabled", help="storage of the 14b transformer's blocks")
+    parser.add_argument("--window", type=int, default=9, help="frame_window_size (4k+1)")
+    parser.add_argument("--motion", type=int, default=5, help="motion_frame")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="write the samples as JSON here")
     args = parser.parse_args(argv)
     if args.windows < 3:
         parser.error("--windows must be at least 3 (window 1 is warm-up)")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, {args.windows} windows of {WINDOW} frames "
-          f"(motion {MOTION}), {args.width}x{args.height}, {args.steps} steps, threads {args.threads}, "
-          f"{args.sink} sink")
+    print(f"torch {torch.__version__}, device {args.device}, {args.model} model ({args.quantization}), "
+          f"{args.windows} windows of {args.window} frames (motion {args.motion}), {args.width}x{args.height}, "
+          f"{args.steps} steps, threads {args.threads}, {args.sink} sink")
     with tempfile.TemporaryDirectory() as tmp:
         summary = report(run(args, Path(tmp)), args)
     if args.out:

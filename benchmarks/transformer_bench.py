@@ -13,10 +13,11 @@ Wan2.1 I2V 14B model plus the InfiniteTalk adapter). Every mode builds its model
 values and the quantized modes quantize them at load. Inputs: latent x, image conditioning y, 512 text tokens, 257
 CLIP tokens, one speaker's wav2vec2 windows; t = 500. The float32 run has TF32 off.
 
-Per mode: ``ms`` is the median wall time of --reps forwards (each ended by a device synchronize) after one warm-up
-forward; ``peak GiB`` is torch max_memory_allocated during the timed forwards; ``weights GiB`` is the model's
-parameter and buffer bytes; rel. error = ‖out − out_fp32‖ / ‖out_fp32‖ over the whole output. Writes
-transformer_bench.json and transformer_bench.md to --out.
+A mode spec ``quant_mode[:attention_mode][+fuse_qkv]`` runs with that attention mode (default sdpa) and, with
+``+fuse_qkv``, the sampler's ``fuse_qkv_projections`` switch on. Per mode: ``ms`` is the median wall time of --reps
+forwards (each ended by a device synchronize) after one warm-up forward; ``peak GiB`` is torch max_memory_allocated
+during the timed forwards; ``weights GiB`` is the model's parameter and buffer bytes; rel. error = ‖out − out_fp32‖
+/ ‖out_fp32‖ over the whole output. Writes transformer_bench.json and transformer_bench.md to --out.
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ import packimport  # noqa: E402
 
 packimport.register()
 from infinitetalk.attention import resolve  # noqa: E402
-from infinitetalk.fp8_optimization import matmul_precision, ops_for  # noqa: E402
+from infinitetalk.fp8_optimization import LinearRuntime, linear_runtime, matmul_precision, ops_for  # noqa: E402
 from infinitetalk.multitalk.model import InfiniteTalkModel  # noqa: E402
-from infinitetalk.wanvideo.checkpoint import LazyStateDict, LazyTensor, LoadOptions, load_model  # noqa: E402
+from infinitetalk.wanvideo.checkpoint import LazyStateDict, LoadOptions, load_model  # noqa: E402
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig  # noqa: E402
+from random_models import random_state, state_as_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -50,49 +52,6 @@ class Row:
     peak_gib: float
     weights_gib: float
     rel_error: float
-
-
-class MemoryReader:
-    """A :class:`wanvideo.checkpoint.TensorReader` over tensors already in memory (the random state dict)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors, self.path = tensors, Path("<random 14B-shaped state dict>")
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.tensors[key].dtype
-
-    def read(self, key: str) -> torch.Tensor:
-        return self.tensors[key]
-
-    def metadata(self) -> dict[str, str]:
-        return {}
-
-
-def random_state(cfg: WanConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every parameter of InfiniteTalkModel(cfg) as a random bf16 tensor on ``device`` (see the module docstring)."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in InfiniteTalkModel(cfg, ops_for("disabled"),
-                                                           resolve("sdpa", "cpu", torch.float32)).state_dict().items()}
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = {}
-    for name, shape in shapes.items():
-        value = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
-        if "modulation" in name:
-            value *= cfg.dim ** -0.5
-        elif name.endswith("bias"):
-            value *= 0.01
-        elif len(shape) == 1:
-            value = 1 + 0.1 * value
-        else:
-            value *= shape[1:].numel() ** -0.5
-        state[name] = value
-    return state
 
 
 def make_inputs(cfg: WanConfig, latent: tuple[int, int, int], text: int, device: torch.device) -> dict:
@@ -154,25 +113,27 @@ def run(opts: argparse.Namespace) -> list[Row]:
     cfg = WanConfig(dim=opts.dim, ffn_dim=opts.ffn, num_heads=opts.heads, num_layers=opts.layers,
                     audio=AudioConfig())
     latent = tuple(int(v) for v in opts.latent.split(","))
-    tensors = random_state(cfg, device)
-    reader = MemoryReader(tensors)
-    state = LazyStateDict({k: LazyTensor(reader, k, reader.shape(k), reader.dtype(k)) for k in tensors},
-                          device=str(device))
+    state = state_as_checkpoint(random_state(cfg, device), device)
     inputs = make_inputs(cfg, latent, opts.text, device)
-    rows = []
-    with matmul_precision(tf32=False):
-        model, kernel = build(state, torch.float32, "disabled", opts.reference_attention, device)
-        ref, ms, peak = measure(model, inputs, device, 1)
-        rows.append(Row("float32 reference", kernel, ms, peak, weights_gib(model), 0.0))
-        print(rows[-1], flush=True)
-        del model
+    rows, ref = [], None
+    if opts.reference_attention != "none":
+        with matmul_precision(tf32=False):
+            model, kernel = build(state, torch.float32, "disabled", opts.reference_attention, device)
+            ref, ms, peak = measure(model, inputs, device, 1)
+            rows.append(Row("float32 reference", kernel, ms, peak, weights_gib(model), 0.0))
+            print(rows[-1], flush=True)
+            del model
     for spec in opts.modes.split(","):
+        spec, fuse, _ = spec.partition("+fuse_qkv")
         mode, _, attention = spec.partition(":")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         model, kernel = build(state, torch.bfloat16, mode, attention or "sdpa", device)
-        out, ms, peak = measure(model, inputs, device, opts.reps)
-        err = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+        with linear_runtime(LinearRuntime(fuse_qkv=bool(fuse))):
+            out, ms, peak = measure(model, inputs, device, opts.reps)
+        mode += fuse
+        err = float("nan") if ref is None else (
+            torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
         rows.append(Row(mode, kernel, ms, peak, weights_gib(model), err))
         print(rows[-1], flush=True)
         del model, out
@@ -180,7 +141,8 @@ def run(opts: argparse.Namespace) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    head = "| mode | attention kernel | ms / forward | peak GiB | weights GiB | rel. error vs fp32 |\n|---|---|---:|---:|---:|---:|\n"
+    head = ("| mode | attention kernel | ms / forward | peak GiB | weights GiB | rel. error vs fp32 |\n"
+            "|---|---|---:|---:|---:|---:|\n")
     return head + "".join(f"| {r.mode} | {r.attention} | {r.ms:.0f} | {r.peak_gib:.1f} | {r.weights_gib:.1f} | "
                           f"{r.rel_error:.4f} |\n" for r in rows)
 
@@ -195,8 +157,9 @@ def main() -> None:
     parser.add_argument("--latent", default="21,60,104", help="latent frames, height, width (832x480x81)")
     parser.add_argument("--text", type=int, default=512, help="text tokens")
     parser.add_argument("--modes", default="disabled,fp8_e4m3fn_scaled,fp8_e4m3fn_scaled_fast,fp4_scaled,"
-                                           "fp4_scaled_fast", help="quant_mode[:attention_mode],...")
-    parser.add_argument("--reference-attention", default="sdpa")
+                                           "fp4_scaled_fast", help="quant_mode[:attention_mode][+fuse_qkv],...")
+    parser.add_argument("--reference-attention", default="sdpa",
+                        help="attention mode of the float32 reference run; none skips it (it needs about 110 GB)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     opts = parser.parse_args()

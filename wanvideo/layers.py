@@ -3,12 +3,37 @@
 Dtype contract (model-spec §2.8): norms are computed in float32 and return the input's dtype; the sinusoidal time
 embedding is built in float64 (float32 where the device has no float64) and returned as float32; the modulate
 step and the gated residual run in float32.
+
+Memory: every float32 step is per token, so :func:`by_token_chunks` runs it over chunks of
+:data:`TOKEN_CHUNK` tokens and writes one output of the target dtype; at video sizes no full-size float32 copy of
+an activation exists (a [32760, 5120] one is 0.67 GB). The results equal the unchunked expressions bit for bit.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+TOKEN_CHUNK = 4096
+
+
+def by_token_chunks(fn: Callable[..., torch.Tensor], dtype: torch.dtype, x: torch.Tensor,
+                    *rows: torch.Tensor) -> torch.Tensor:
+    """``fn(x, *rows).to(dtype)`` for a per-token ``fn`` of tensors [..., S, C] (dim -2 = tokens; ``rows`` have x's
+    token count), computed over chunks of :data:`TOKEN_CHUNK` tokens into one output [..., S, C_out] of ``dtype``."""
+    tokens = x.shape[-2] if x.dim() >= 2 else 0
+    if tokens <= TOKEN_CHUNK:
+        return fn(x, *rows).to(dtype)
+    out = None
+    for start in range(0, tokens, TOKEN_CHUNK):
+        part = fn(*(t[..., start:start + TOKEN_CHUNK, :] for t in (x, *rows)))
+        if out is None:
+            out = torch.empty((*part.shape[:-2], tokens, part.shape[-1]), dtype=dtype, device=part.device)
+        out[..., start:start + part.shape[-2], :] = part
+    return out
 
 
 def high_precision_dtype(device: torch.device) -> torch.dtype:
@@ -20,15 +45,22 @@ class WanRMSNorm(nn.Module):
     """RMSNorm over the last dim: ``x / sqrt(mean(x²) + eps) · weight``, normalised in float32.
 
     Input [..., dim] of any float dtype; output of the input's dtype (the weight is cast to it, as the reference
-    multiplies the cast-back normalised tensor by its weight).
+    multiplies the cast-back normalised tensor by its weight). With ``native`` set (the loader's
+    ``rms_norm_function=pytorch``) it runs ``torch.nn.functional.rms_norm`` instead: one fused kernel with no
+    float32 copy of x, numerics slightly different from the reference (the weight multiplies before the cast).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.native = eps, False
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return by_token_chunks(self._reference, x.dtype, x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
         return normed * self.weight.to(x.dtype)
@@ -44,7 +76,8 @@ class WanLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return by_token_chunks(lambda t: F.layer_norm(t.float(), self.normalized_shape, weight, bias, self.eps),
+                               x.dtype, x)
 
 
 class MLPProj(nn.Module):
@@ -83,9 +116,27 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
 
     normed [B, S, dim]; shift/scale float32 [B, 1, dim].
     """
-    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
+    def step(t: torch.Tensor) -> torch.Tensor:
+        out = t.float() * (1 + scale)
+        out += shift
+        return out
+
+    return by_token_chunks(step, normed.dtype, normed)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + y·gate`` in float32, returned in ``x``'s dtype. x, y [B, S, dim]; gate float32 [B, 1, dim]."""
-    return (x.float() + y.float() * gate).to(x.dtype)
+    def step(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        out = ys.float() * gate
+        out += xs
+        return out
+
+    return by_token_chunks(step, x.dtype, x, y)
+
+
+def use_native_rms_norm(model: nn.Module, enabled: bool) -> None:
+    """Switch every :class:`WanRMSNorm` of ``model`` to ``torch.nn.functional.rms_norm`` (``enabled``) or back to
+    the reference formula (the loader's ``rms_norm_function``: ``pytorch`` / ``default``)."""
+    for module in model.modules():
+        if isinstance(module, WanRMSNorm):
+            module.native = enabled

@@ -7,12 +7,14 @@ float64 where the device supports it. :func:`apply_rope` rotates in float32 and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .layers import high_precision_dtype
 
 ROPE_THETA = 10000.0
+ROPE_CHUNK_TOKENS = 4096  # apply_rope(..., dtype=...) rotates this many tokens at a time in float32
 
 
 def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
@@ -59,9 +61,28 @@ def rope_table_1d(positions: torch.Tensor, head_dim: int) -> RopeTable:
     return RopeTable(cos=angles.cos(), sin=angles.sin())
 
 
-def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
-    """Rotate adjacent pairs of x [B, S, H, D] by the table ([S, D/2] or [B, S, D/2]); returns float32 [B, S, H, D]."""
+def apply_rope(x: torch.Tensor, table: RopeTable, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rotate adjacent pairs of x [B, S, H, D] by the table ([S, D/2] or [B, S, D/2]).
+
+    Returns float32 [B, S, H, D]; with ``dtype``, the same values cast to ``dtype``, computed over chunks of
+    :data:`ROPE_CHUNK_TOKENS` tokens so no full-size float32 copy of x exists (identical to ``.to(dtype)``).
+    """
+    if dtype is None:
+        return _rotate(x, table.cos, table.sin)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for start in range(0, x.shape[1], ROPE_CHUNK_TOKENS):
+        rows = slice(start, start + ROPE_CHUNK_TOKENS)
+        out[:, rows] = _rotate(x[:, rows], table.cos[..., rows, :], table.sin[..., rows, :])
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = table.cos.unsqueeze(-2), table.sin.unsqueeze(-2)
-    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    out = torch.empty_like(pairs)
+    torch.mul(a, cos, out=out[..., 0])
+    out[..., 0] -= b * sin
+    torch.mul(b, cos, out=out[..., 1])
+    out[..., 1] += a * sin
+    return out.flatten(-2)

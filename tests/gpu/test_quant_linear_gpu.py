@@ -117,3 +117,45 @@ def test_move_to_gpu_and_state_dict_round_trip(mode):
     gpu_quantized = cls.from_weight(w, b.bfloat16())  # quantized on the GPU instead of the CPU
     differing = (gpu_quantized.weight.view(torch.uint8) != layer.weight.view(torch.uint8)).float().mean().item()
     assert differing < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["disabled", "fp8_e4m3fn_scaled", "fp8_e4m3fn_scaled_fast", "fp8_e5m2_fast",
+                                  "fp4_scaled_fast"])
+def test_fused_qkv_projection_matches_separate_layers(mode):
+    """fuse_qkv_projections: one GEMM (one activation quantization) over q/k/v with N and K needing padding."""
+    from infinitetalk.fp8_optimization import LinearRuntime, fused_projection, linear_runtime
+
+    layers = []
+    for seed in range(3):
+        w, b = _weights(72, 200, seed=seed)
+        if mode == "disabled":
+            layer = ops_for(mode).Linear(200, 72, device="cuda", dtype=torch.bfloat16)
+            layer.load_state_dict({"weight": w, "bias": b})
+        else:
+            layer = ops_for(mode).Linear.from_weight(w.bfloat16(), b.bfloat16())
+        layers.append(layer)
+    x = _inputs(2, 33, 200)
+    separate = [layer(x) for layer in layers]
+    with linear_runtime(LinearRuntime(fuse_qkv=True)):
+        fused = fused_projection(layers, x)
+    torch.cuda.synchronize()
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-2
+
+
+def test_cublas_only_runs_no_generated_kernel():
+    """use_cublas_gemm: the quantization helpers run eagerly (dynamo compiles no new frame)."""
+    from torch._dynamo.utils import counters
+
+    from infinitetalk.fp8_optimization import LinearRuntime, linear_runtime
+
+    w, b = _weights(48, 176, seed=5)  # a weight shape no other test compiles for
+    layer = ops_for("fp8_e4m3fn_scaled_fast").Linear.from_weight(w.bfloat16(), b.bfloat16())
+    x = _inputs(9, 176)
+    before = sum(counters["frames"].values())
+    with linear_runtime(LinearRuntime(cublas_only=True)):
+        eager = layer(x)
+    assert sum(counters["frames"].values()) == before
+    compiled = layer(x)
+    assert sum(counters["frames"].values()) > before
+    assert relative_error(eager, compiled) < 1e-2
