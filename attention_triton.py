@@ -6,8 +6,8 @@ FP8 e4m3 (P scaled by 448, V with one scale per channel) with float32 accumulati
 (``max_num_imprecise_acc``). ``attention.resolve`` uses it only after its self-test against float32 math passes
 and only where it beats the next exact kernel.
 
-P·V is computed transposed, as Oᵀ += Vᵀ·Pᵀ, so the FP8 P tile is the shared-memory operand of the GEMM. With P as
-the register operand (O += P·V), Triton 3.6 on an H200 returned non-finite outputs for every tile configuration
+P·V is computed transposed, as Oᵀ += Vᵀ·Pᵀ, so the FP8 P tile is the shared-memory operand of the GEMM. With P
+as the register operand (O += P·V), Triton 3.6 on an H200 returned non-finite outputs for every tile configuration
 tried, while the same kernel was exact under the interpreter (benchmarks/RESULTS.md, attention section).
 
     fp8_attention(q, k, v) -> out
