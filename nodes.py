@@ -10,18 +10,22 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
 import folder_paths
+import latent_preview
 import torch
 
-from .attention import ATTENTION_MODES, register_external
+from .attention import ATTENTION_MODES, operand_checks, register_external
 from .blockswap import BlockSwapper, block_nbytes, estimate_activation_bytes, plan_block_swap
-from .fp8_optimization import QUANT_MODES, matmul_precision
+from .fp8_optimization import QUANT_MODES, LinearRuntime, linear_runtime, matmul_precision
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
 from .multitalk.embeds import EmbedOptions, embed_audio, silent_embeds
 from .multitalk.frame_sink import MemorySink, PngSink
 from .multitalk.loop import InfiniteTalkLoop, LoopCallbacks, SamplerSettings
-from .multitalk.wav2vec import load_wav2vec
+from .multitalk.wav2vec import download_wav2vec, has_weights, load_wav2vec
 from .wanvideo.clip_vision import CLIPLoadOptions, CLIPVisionTower, load_clip_vision
 from .wanvideo.lora import apply_lora_entries
 from .wanvideo.schedulers import SCHEDULER_NAMES
@@ -55,8 +59,6 @@ def _tip(text: str, **config) -> dict:
 
 
 def _model_management():
-    import comfy.model_management
-
     return comfy.model_management
 
 
@@ -320,7 +322,9 @@ class WanVideoModelLoader:
                 "fantasytalking_model": ("FANTASYTALKINGMODEL", _tip("Not used by InfiniteTalk.", default=None)),
                 "multitalk_model": ("MULTITALKMODEL", _tip("The InfiniteTalk adapter.", default=None)),
                 "fantasyportrait_model": ("FANTASYPORTRAITMODEL", _tip("Not used by InfiniteTalk.", default=None)),
-                "rms_norm_function": (["default", "pytorch"], _tip("RMSNorm implementation.", default="default")),
+                "rms_norm_function": (["default", "pytorch"], _tip(
+                    "q/k RMSNorm: default = the official formula; pytorch = torch's fused rms_norm kernel (less "
+                    "memory, slightly different numerics).", default="default")),
             },
         }
 
@@ -344,11 +348,12 @@ class WanVideoModelLoader:
         adapter = Path(multitalk_model["model_path"]) if multitalk_model else None
         request = pipeline.ModelRequest(base_path=_diffusion_model_path(model), adapter_path=adapter,
                                         base_precision=base_precision, quantization=quantization,
-                                        attention_mode=attention_mode)
+                                        attention_mode=attention_mode, rms_norm_function=rms_norm_function)
         transformer = pipeline.load_transformer(request, _device("main_device"))
         loras = apply_lora_entries(transformer, lora)
         model_type = multitalk_model["model_type"] if multitalk_model else "InfiniteTalk"
-        return (pipeline.TransformerHandle(transformer, request, model_type, block_swap_args, compile_args, loras),)
+        handle = pipeline.TransformerHandle(transformer, request, model_type, block_swap_args, compile_args, loras)
+        return (WanVideoPatcher.wrap(handle, _device(load_device)),)
 
 
 class WanVideoSetBlockSwap:
@@ -387,7 +392,7 @@ class WanVideoVAELoader:
     DESCRIPTION = "Load the Wan2.1 video VAE."
 
     def loadmodel(self, model_name, precision="bf16", compile_args=None, use_cpu_cache=False, verbose=False):
-        return (load_vae(folder_paths.get_full_path_or_raise("vae", model_name), precision),)
+        return (_managed_vae(load_vae(folder_paths.get_full_path_or_raise("vae", model_name), precision)),)
 
 
 class LoadWanVideoT5TextEncoder:
@@ -414,8 +419,8 @@ class LoadWanVideoT5TextEncoder:
     def loadmodel(self, model_name, precision, load_device="offload_device", quantization="disabled"):
         path = folder_paths.get_full_path_or_raise("text_encoders", model_name)
         options = T5LoadOptions(precision=precision, quantization=quantization, device=str(_device(load_device)))
-        return ({"model": load_text_encoder(path, options), "dtype": precision, "name": model_name,
-                 "path": path},)
+        encoder = _ManagedTextEncoder(load_text_encoder(path, options), _device(load_device))
+        return ({"model": encoder, "dtype": precision, "name": model_name, "path": path},)
 
 
 def _text_cache() -> TextEmbedCache:
@@ -505,6 +510,18 @@ class WanVideoTextEncodeCached:
         return (embeds, {"prompt_embeds": embeds["negative_prompt_embeds"]}, positive_prompt)
 
 
+def _conditioning_embeds(cond, name: str) -> torch.Tensor:
+    """CONDITIONING from CLIPTextEncode -> umT5 embeddings [L, dim] float32 on the CPU, as the pack's encoder gives
+    them: the first entry's first row without the zero rows ComfyUI's umT5 pads every prompt with to 512 tokens
+    (it zeroes masked positions); at least one row is kept."""
+    if not cond or not torch.is_tensor(cond[0][0]) or cond[0][0].dim() != 3:
+        raise ValueError(f"WanVideoTextEmbedBridge: {name} must be CONDITIONING from CLIPTextEncode with a umT5 text "
+                         "encoder (CLIPLoader type wan)")
+    embeds = cond[0][0][0].float().cpu()
+    rows = embeds.abs().amax(dim=-1).nonzero()
+    return embeds[: int(rows[-1]) + 1 if len(rows) else 1]
+
+
 class WanVideoTextEmbedBridge:
     @classmethod
     def INPUT_TYPES(cls):
@@ -518,11 +535,9 @@ class WanVideoTextEmbedBridge:
     DESCRIPTION = "Use ComfyUI's own umT5 text encoding (CLIPLoader type wan + CLIPTextEncode) with these nodes."
 
     def process(self, positive, negative=None):
-        def first(cond):
-            return [cond[0][0][0].float().cpu()]
-
-        negative_embeds = first(negative) if negative else [torch.zeros_like(first(positive)[0][:1])]
-        return ({"prompt_embeds": first(positive), "negative_prompt_embeds": negative_embeds, "echoshot": False},)
+        prompt = _conditioning_embeds(positive, "positive")
+        negative_embeds = _conditioning_embeds(negative, "negative") if negative else torch.zeros_like(prompt[:1])
+        return ({"prompt_embeds": [prompt], "negative_prompt_embeds": [negative_embeds], "echoshot": False},)
 
 
 class LoadWanVideoClipTextEncoder:
@@ -565,6 +580,23 @@ def _clip_tokens(clip_vision, image: torch.Tensor, crop: str) -> torch.Tensor:
     raise TypeError("WanVideoClipVisionEncode: clip_vision must come from a CLIP vision loader")
 
 
+@contextmanager
+def _clip_on_main_device(clip_vision, force_offload: bool):
+    """This pack's CLIP tower is loaded through ComfyUI's model management to encode on the main device and, with
+    ``force_offload``, unloaded afterwards. ComfyUI's own CLIP vision model is placed by ComfyUI (``encode_image``
+    loads it)."""
+    if not isinstance(clip_vision, CLIPVisionTower):
+        yield
+        return
+    patcher = _managed(clip_vision, _device("offload_device")).patcher
+    comfy.model_management.load_models_gpu([patcher])
+    try:
+        yield
+    finally:
+        if force_offload:
+            _unload(patcher)
+
+
 class WanVideoClipVisionEncode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -597,13 +629,14 @@ class WanVideoClipVisionEncode:
                 image_2=None, negative_image=None, tiles=0, ratio=1.0):
         if tiles:
             raise ValueError("WanVideoClipVisionEncode: tiled CLIP encoding is not supported; set tiles to 0")
-        tokens = [_clip_tokens(clip_vision, image_1, crop) * strength_1]
-        if image_2 is not None:
-            tokens.append(_clip_tokens(clip_vision, image_2, crop) * strength_2)
+        with _clip_on_main_device(clip_vision, force_offload):
+            tokens = [_clip_tokens(clip_vision, image_1, crop) * strength_1]
+            if image_2 is not None:
+                tokens.append(_clip_tokens(clip_vision, image_2, crop) * strength_2)
+            negative = None if negative_image is None else _clip_tokens(clip_vision, negative_image, crop)
         stacked = torch.cat(tokens)
         combined = {"average": lambda t: t.mean(0, keepdim=True), "sum": lambda t: t.sum(0, keepdim=True),
                     "concat": lambda t: t.reshape(1, -1, t.shape[-1]), "batch": lambda t: t}[combine_embeds](stacked)
-        negative = None if negative_image is None else _clip_tokens(clip_vision, negative_image, crop)
         return ({"clip_embeds": combined, "negative_clip_embeds": negative},)
 
 
@@ -644,6 +677,7 @@ class WanVideoDecode:
                normalization="default"):
         if "video" in samples:
             return ((samples["video"].clamp(-1, 1) + 1) / 2,)
+        comfy.model_management.load_models_gpu([_managed_vae(vae).patcher])
         latents = samples["samples"].to(vae.device)
         video = vae.decode(latents, _tiling(enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y),
                            clamp=normalization == "default")[0]
@@ -682,6 +716,7 @@ class WanVideoEncode:
 
     def encode(self, vae, image, enable_vae_tiling, tile_x, tile_y, tile_stride_x, tile_stride_y,
                noise_aug_strength=0.0, latent_strength=1.0, mask=None):
+        comfy.model_management.load_models_gpu([_managed_vae(vae).patcher])
         video = pad_to_causal_length(image[..., :3].permute(3, 0, 1, 2)[None].to(vae.device) * 2 - 1)
         if noise_aug_strength > 0:
             video = video + noise_aug_strength * torch.randn_like(video)
@@ -690,9 +725,21 @@ class WanVideoEncode:
 
 
 def _wav2vec_result(path: Path, base_precision: str, load_device: str, model_type: str) -> dict:
+    """The WAV2VECMODEL socket; the model is placed on ``load_device``, where the embeds node runs it."""
     encoder = load_wav2vec(path, base_precision, model_type=model_type)
+    device = _device(load_device)
+    encoder.model.to(device)
     return {"feature_extractor": None, "model": encoder, "dtype": encoder.dtype, "model_type": model_type,
-            "device": _device(load_device)}
+            "device": device}
+
+
+def _wav2vec_folders(repo: str) -> list[Path]:
+    """Where ``repo`` may live: <folder>/<repo> for each registered "transformers" model folder, then ComfyUI's
+    models/transformers/<repo>; the first is where a download goes."""
+    roots = folder_paths.get_folder_paths("transformers") if "transformers" in folder_paths.folder_names_and_paths \
+        else []
+    folders = [Path(root) / repo for root in [*roots, os.path.join(folder_paths.models_dir, "transformers")]]
+    return list(dict.fromkeys(folders))
 
 
 class DownloadAndLoadWav2VecModel:
@@ -700,7 +747,8 @@ class DownloadAndLoadWav2VecModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (WAV2VEC_REPOS, _tip("Hugging Face repository, looked up in models/transformers/<repo>.")),
+                "model": (WAV2VEC_REPOS, _tip("Hugging Face repository: models/transformers/<repo>, downloaded "
+                                              "there when missing.")),
                 "base_precision": (["fp32", "bf16", "fp16"], _tip("Model precision.", default="fp16")),
                 "load_device": (DEVICES, _tip("Where the model runs.", default="main_device")),
             },
@@ -710,17 +758,18 @@ class DownloadAndLoadWav2VecModel:
     RETURN_NAMES = ("wav2vec_model",)
     FUNCTION = "loadmodel"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Load a wav2vec2 model from models/transformers/<repository> (place the files there)."
+    DESCRIPTION = ("Load a wav2vec2 model from models/transformers/<repository>; when it is not there, download its "
+                   "config and weights from Hugging Face into that folder.")
 
     def loadmodel(self, model, base_precision, load_device):
-        folders = [Path(p) / model for p in folder_paths.get_folder_paths("transformers")] \
-            if "transformers" in folder_paths.folder_names_and_paths else []
-        folders.append(Path(folder_paths.models_dir) / "transformers" / model)
-        found = next((f for f in folders if f.is_dir()), None)
+        folders = _wav2vec_folders(model)
+        found = next((f for f in folders if has_weights(f)), None)
         if found is None:
-            raise FileNotFoundError(f"(Down)load Wav2Vec Model: {model} is not in {folders[-1]}; this pack does not "
-                                    f"download: put the repository's config.json and model.safetensors there, or use "
-                                    f"Wav2vec2 Model Loader with a single file in models/wav2vec2")
+            try:
+                found = download_wav2vec(model, folders[0])
+            except RuntimeError as err:
+                raise RuntimeError(f"(Down)load Wav2Vec Model: {err}; or put a single wav2vec2 .safetensors file in "
+                                   "models/wav2vec2 and use the Wav2vec2 Model Loader node") from err
         return (_wav2vec_result(found, base_precision, load_device, model),)
 
 
@@ -789,6 +838,8 @@ class MultiTalkWav2VecEmbeds:
         options = EmbedOptions(prep=prep, audio_scale=audio_scale, audio_cfg_scale=audio_cfg_scale,
                                multi_audio_type=multi_audio_type)
         encoder = wav2vec_model["model"]
+        if wav2vec_model.get("device") == _device("main_device"):
+            comfy.model_management.load_models_gpu([_managed(encoder.model, _device("offload_device")).patcher])
         result = embed_audio(encoder, [audio_1, audio_2, audio_3, audio_4], options, ref_target_masks)
         return (result.embeds.to_dict(), result.audio, result.num_frames)
 
@@ -837,10 +888,18 @@ class WanVideoImageToVideoMultiTalk:
                 "start_image": ("IMAGE", _tip("Reference image (several: one per window).")),
                 "tiled_vae": ("BOOLEAN", _tip("Tiled VAE encode/decode.", default=False)),
                 "clip_embeds": ("WANVIDIMAGE_CLIPEMBEDS", _tip("CLIP tokens of the reference image.")),
-                "mode": (list(pipeline.LOOP_MODES), _tip("Loop variant; auto follows the loaded adapter.",
-                                                         default="auto")),
-                "output_path": ("STRING", _tip("If set, frames are written there as PNG instead of kept in RAM.",
-                                               default="")),
+                "mode": (list(pipeline.LOOP_MODES), _tip(
+                    "Loop variant. infinitetalk: every window is conditioned on its reference image, the previous "
+                    "window's last motion_frame frames are pasted clean. multitalk: later windows are conditioned on "
+                    "the previous window's last motion_frame frames (re-noised each step), colour match to the first "
+                    "start image. auto: infinitetalk or multitalk after the loaded adapter's type.", default="auto")),
+                "output_path": ("STRING", _tip(
+                    "If set, frames are written as PNG into <output_path>/<YYYYmmdd_HHMMSS>_<mode>_output/ instead of "
+                    "kept in RAM, with a checkpoint after every window. Queue the same run again with the same "
+                    "output_path to resume after a crash or cancel: the newest run folder there whose run.json "
+                    "fingerprint (models, prompts, audio, images, sizes, sampler settings, seed) matches continues after "
+                    "its last finished window; any change starts a fresh folder (the log says what differed).",
+                    default="")),
             },
         }
 
@@ -852,9 +911,6 @@ class WanVideoImageToVideoMultiTalk:
 
     def process(self, vae, width, height, frame_window_size, motion_frame, force_offload, colormatch,
                 start_image=None, tiled_vae=False, clip_embeds=None, mode="auto", output_path=""):
-        if mode == "multitalk":
-            raise ValueError("WanVideo Long I2V Multi/InfiniteTalk: the MultiTalk loop variant is not available in "
-                             "this version yet; use mode infinitetalk (or auto with an InfiniteTalk model)")
         clip = clip_embeds["clip_embeds"] if clip_embeds else None
         embeds = pipeline.image_to_video_embeds(width, height, frame_window_size, motion_frame, start_image,
                                                 clip_context=clip, colormatch=colormatch, mode=mode,
@@ -911,12 +967,20 @@ class WanVideoSampler:
                 "end_step": ("INT", _tip("Step to stop at (-1 = end).", default=-1, min=-1, max=10000, step=1)),
                 "add_noise_to_samples": ("BOOLEAN", _tip("Noise source latents to the first step (v2v).",
                                                          default=False)),
-                "force_contiguous_tensors": ("BOOLEAN", _tip("Kept for workflow compatibility: operands are always "
-                                                             "contiguous here.", default=False)),
+                "force_contiguous_tensors": ("BOOLEAN", _tip(
+                    "Debug: verify every attention operand's layout and alignment at run time and log the first "
+                    "layer whose input needed a layout copy. Off: the layers already guarantee the layouts.",
+                    default=False)),
                 "use_tf32": ("BOOLEAN", _tip("Allow TF32 for float32 matmuls and convolutions during sampling.",
                                              default=False)),
-                "use_cublas_gemm": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
-                "fuse_qkv_projections": ("BOOLEAN", _tip("Kept for workflow compatibility.", default=False)),
+                "use_cublas_gemm": ("BOOLEAN", _tip(
+                    "Quantized layers run only cuBLAS/cuBLASLt GEMMs: activation quantization and weight "
+                    "dequantization run as plain torch ops instead of generated Triton kernels (slower; for "
+                    "debugging or when Triton misbehaves).", default=False)),
+                "fuse_qkv_projections": ("BOOLEAN", _tip(
+                    "Run the q/k/v projections (and the cross-attention k/v pairs) as one GEMM each; the fp8 "
+                    "GEMM modes then quantize the activation once. Same results within rounding; layers with "
+                    "unmerged LoRAs run separately.", default=False)),
             },
         }
 
@@ -936,53 +1000,240 @@ class WanVideoSampler:
         if not image_embeds.get("multitalk_sampling") or multitalk_embeds is None or text_embeds is None:
             raise ValueError("WanVideoSampler: this pack samples InfiniteTalk videos: connect image_embeds from "
                              "WanVideo Long I2V Multi/InfiniteTalk, multitalk_embeds and text_embeds")
-        pipeline.check_loop_mode(image_embeds.get("multitalk_mode", "auto"), model.model_type)
-        inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds, samples=options.get("samples"))
+        inputs = pipeline.loop_inputs(image_embeds, text_embeds, multitalk_embeds, samples=options.get("samples"),
+                                      model_type=model.model_type)
         settings = SamplerSettings(scheduler=scheduler, steps=steps, shift=shift, seed=seed, start_step=start_step,
                                    end_step=end_step, cfg=pipeline.scale_list(cfg, steps),
                                    audio_cfg=float(multitalk_embeds.get("audio_cfg_scale", 1.0)),
                                    batched_cfg=batched_cfg, denoise_strength=denoise_strength,
                                    add_noise_to_samples=bool(options.get("add_noise_to_samples", False)))
+        checks = bool(options.get("force_contiguous_tensors", False))
+        runtime = LinearRuntime(cublas_only=bool(options.get("use_cublas_gemm", False)), report_layouts=checks,
+                                fuse_qkv=bool(options.get("fuse_qkv_projections", False)))
         with matmul_precision(tf32=bool(options.get("use_tf32", False)),
-                              fp16_accumulation=model.request.base_precision == "fp16_fast"):
+                              fp16_accumulation=model.request.base_precision == "fp16_fast"), \
+                linear_runtime(runtime), operand_checks(checks):
             return _run_loop(model, image_embeds, inputs, settings, force_offload)
 
 
-@contextmanager
-def _placed(handle, vae, device: torch.device, tokens: int, passes: int, force_offload: bool):
-    """Put the transformer on ``device`` for one run: first ComfyUI unloads its own models until the weights and
-    activations fit (or as far as it can), then the model goes on the device whole, or with its blocks streamed by
-    the block swapper (planned from what is free then). Afterwards the swapper lets go of its slots and, with
-    ``force_offload``, the transformer and the VAE go back to the offload device so other nodes get the VRAM."""
-    mm = _model_management()
-    model, args = handle.model, handle.block_swap_args or {}
-    activations = estimate_activation_bytes(tokens, model.config.dim, model.config.ffn_dim, batch=passes)
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    mm.free_memory(weights + activations, device)
-    swapper = None
-    if args:
-        for name, child in model.named_children():
+class WanVideoModel(torch.nn.Module):
+    """The module ComfyUI manages for a WANVIDEOMODEL (upstream layout): ``diffusion_model`` is the transformer.
+    While it is loaded, ``swapper`` is its attached BlockSwapper (None: the transformer is on the device whole) and
+    ``placed_for`` the placement key (block swap args, activation bytes) it was placed for."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.diffusion_model = transformer
+        self.swapper = None
+        self.placed_for = None
+
+
+class _PackPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher for this pack's modules. ComfyUI's own loader moves a model module by module and leaves what
+    does not fit on the offload device, which only works for comfy.ops layers; here ``_place`` puts the model on the
+    device (whole, unless a subclass streams part of it) and the bytes it put there are the loaded size. Asked to
+    free memory, ComfyUI unloads it whole (``partially_unload`` frees nothing)."""
+
+    def current_loaded_device(self):
+        return self.load_device if self.loaded_size() else self.offload_device
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        """ComfyUI's load: place the model on ``device_to`` (``extra_memory``: bytes ComfyUI lets it add there);
+        returns the bytes added."""
+        before = self.loaded_size()
+        if before and not self._stale():
+            return 0
+        if before:
+            self._release()
+        self.model.model_loaded_weight_memory = self._place(device_to, before + extra_memory)
+        return self.loaded_size() - before
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        return 0
+
+    def detach(self, unpatch_all=True):
+        """ComfyUI's unload: back to the offload device (``unpatch_all`` False, as when a patcher is dropped or
+        replaced by its clone: nothing moves)."""
+        if unpatch_all and self.loaded_size():
+            self._release()
+            self.model.model_loaded_weight_memory = 0
+        return self.model
+
+    def _stale(self) -> bool:
+        return False
+
+    def _place(self, device: torch.device, budget: float) -> int:
+        self.model.to(device)
+        return self.model_size()
+
+    def _release(self) -> None:
+        self.model.to(self.offload_device)
+
+
+class WanVideoPatcher(_PackPatcher):
+    """WANVIDEOMODEL: the transformer under ComfyUI's model management. The sampler loads a per-run clone with
+    ``load_models_gpu``, which places the transformer whole, or with its blocks streamed by the block swapper when
+    ``block_swap_args`` are set (planned within ComfyUI's budget and what is free); it stays loaded after the run
+    until ComfyUI needs the memory (``free_memory``, ``unload_all_models``, POST /free), which takes it back to the
+    offload device. ``handle`` holds the transformer and its run options; ``activation_bytes`` is what the run keeps
+    free for activations."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        super().__init__(model, load_device, offload_device, size, weight_inplace_update)
+        self.handle = None
+        self.activation_bytes = 0
+
+    @classmethod
+    def wrap(cls, handle: pipeline.TransformerHandle, offload_device: torch.device) -> "WanVideoPatcher":
+        patcher = cls(WanVideoModel(handle.model), _device("main_device"), offload_device)
+        patcher.handle = handle
+        return patcher
+
+    def clone(self) -> "WanVideoPatcher":
+        copy = super().clone()
+        copy.handle, copy.activation_bytes = self.handle, self.activation_bytes
+        return copy
+
+    def with_block_swap(self, args) -> "WanVideoPatcher":
+        copy = self.clone()
+        copy.handle = self.handle.with_block_swap(args)
+        return copy
+
+    def for_run(self, activation_bytes: int) -> "WanVideoPatcher":
+        copy = self.clone()
+        copy.activation_bytes = activation_bytes
+        return copy
+
+    @property
+    def model_type(self) -> str:
+        return self.handle.model_type
+
+    @property
+    def request(self) -> pipeline.ModelRequest:
+        return self.handle.request
+
+    @property
+    def loras(self):
+        return self.handle.loras
+
+    def _placement_key(self):
+        args = self.handle.block_swap_args
+        return (dict(args), self.activation_bytes) if args else None
+
+    def _stale(self) -> bool:
+        return self.model.placed_for != self._placement_key()
+
+    def _place(self, device: torch.device, budget: float) -> int:
+        transformer, args = self.model.diffusion_model, self.handle.block_swap_args
+        self.model.placed_for = self._placement_key()
+        if not args:
+            return super()._place(device, budget)
+        others = [child for name, child in transformer.named_children() if name != "blocks"]
+        for child in others:
+            child.to(device)
+        resident = sum(comfy.model_management.module_size(child) for child in others)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            comfy.model_management.get_free_memory(device)
+        free = max(0, int(min(free, budget - resident + self.activation_bytes)))
+        plan = plan_block_swap(args, [block_nbytes(b) for b in transformer.blocks], free, self.activation_bytes)
+        if not plan.swapped:
+            transformer.blocks.to(device)
+            return self.model_size()
+        self.model.swapper = BlockSwapper.attach(transformer.blocks, plan, device)
+        return resident + plan.weight_vram_bytes
+
+    def _release(self) -> None:
+        swapper, self.model.swapper, self.model.placed_for = self.model.swapper, None, None
+        if swapper is None:
+            super()._release()
+            return
+        swapper.detach()
+        for name, child in self.model.diffusion_model.named_children():
             if name != "blocks":
-                child.to(device)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mm.get_free_memory(device)
-        plan = plan_block_swap(args, [block_nbytes(b) for b in model.blocks], free, activations)
-        if plan.swapped:
-            swapper = BlockSwapper.attach(model.blocks, plan, device)
-    if swapper is None:
-        model.to(device)
-    vae.to(device)
+                child.to(self.offload_device)
+
+
+class _ManagedTextEncoder:
+    """WANTEXTENCODER["model"]: the umT5 encoder under ComfyUI's model management. Calling it (prompts -> list of
+    [L_i, dim] embeddings) first loads it through ComfyUI, which frees room for it; ComfyUI unloads it to the offload
+    device when another model needs the memory."""
+
+    def __init__(self, encoder, offload_device: torch.device):
+        self.encoder = encoder
+        self.patcher = _PackPatcher(encoder.model, _device("main_device"), offload_device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def __call__(self, prompts):
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.encoder(prompts)
+
+
+def _managed(module: torch.nn.Module, offload_device: torch.device) -> torch.nn.Module:
+    """``module`` with a ModelPatcher as ``module.patcher`` (made once, like ComfyUI's own VAE holds its patcher), so
+    ComfyUI loads it to the main device and unloads it to ``offload_device`` like its own models."""
+    if not isinstance(getattr(module, "patcher", None), _PackPatcher):
+        module.patcher = _PackPatcher(module, _device("main_device"), offload_device)
+    return module
+
+
+def _managed_vae(vae):
+    """The VAE under ComfyUI's model management (offloaded to ComfyUI's VAE offload device)."""
+    return _managed(vae, comfy.model_management.vae_offload_device())
+
+
+def _unload(patcher: _PackPatcher) -> None:
+    """Take one of this pack's models out of ComfyUI's loaded list and back to its offload device."""
+    loaded = comfy.model_management.current_loaded_models
+    entry = next((i for i, m in enumerate(loaded) if m.model is patcher), None)
+    if entry is None:
+        patcher.detach()
+    else:
+        loaded.pop(entry).model_unload()
+    comfy.model_management.soft_empty_cache()
+
+
+@contextmanager
+def _placed(patcher: WanVideoPatcher, vae, tokens: int, passes: int, force_offload: bool):
+    """The transformer and the VAE on the device for one run, through ComfyUI's model management: it unloads other
+    models until the weights and the activations of ``tokens`` x ``passes`` fit (or as far as it can), then places
+    both (the transformer whole or block-swapped). They stay loaded afterwards, and ComfyUI unloads them when
+    another model needs the memory; the swapper lets go of its ring slots, and with ``force_offload`` both are
+    unloaded right away so other nodes get the VRAM."""
+    config = patcher.handle.model.config
+    run = patcher.for_run(estimate_activation_bytes(tokens, config.dim, config.ffn_dim, batch=passes))
+    vae_patcher = _managed_vae(vae).patcher
+    comfy.model_management.load_models_gpu([run, vae_patcher], memory_required=run.activation_bytes)
     try:
-        yield model
+        yield run.model.diffusion_model
     finally:
-        if swapper is not None:
-            swapper.detach()
+        if run.model.swapper is not None:
+            run.model.swapper.release()
         if force_offload:
-            model.to(mm.unet_offload_device())
-            vae.to(mm.unet_offload_device())
-            mm.soft_empty_cache()
+            _unload(run)
+            _unload(vae_patcher)
 
 
-def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, force_offload: bool):
+def _previewer():
+    """ComfyUI's latent previewer for Wan 2.1 latents (None unless the server was started with a preview method)."""
+    return latent_preview.get_previewer(_device("main_device"), comfy.latent_formats.Wan21())
+
+
+def _preview_hook(bar, previewer):
+    """The loop's ``on_preview``: the step's x0 [16, T_lat, h, w] -> a preview of its last latent frame (the one
+    furthest from the reference), sent with the progress bar's value as ComfyUI's preview image."""
+    if previewer is None:
+        return None
+
+    def on_preview(window: int, step: int, x0: torch.Tensor) -> None:
+        bar.update_absolute(bar.current, bar.total, previewer.decode_latent_to_preview_image("JPEG", x0[None, :, -1:]))
+
+    return on_preview
+
+
+def _run_loop(patcher: WanVideoPatcher, image_embeds: dict, inputs, settings: SamplerSettings, force_offload: bool):
     mm = _model_management()
     device = mm.get_torch_device()
     vae = image_embeds["vae"]
@@ -994,10 +1245,11 @@ def _run_loop(handle, image_embeds: dict, inputs, settings: SamplerSettings, for
         bar.update_absolute(window * steps + step + 1, windows * steps)
 
     callbacks = LoopCallbacks(on_step=on_step, interrupted=mm.processing_interrupted,
-                              before_model=handle.loras.set_step if handle.loras else None)
+                              on_preview=_preview_hook(bar, _previewer()),
+                              before_model=patcher.loras.set_step if patcher.loras else None)
     _, lat_t, lat_h, lat_w = image_embeds["target_shape"]
     passes = 3 if settings.batched_cfg else 1
-    with _placed(handle, vae, device, lat_t * (lat_h // 2) * (lat_w // 2), passes, force_offload) as transformer:
+    with _placed(patcher, vae, lat_t * (lat_h // 2) * (lat_w // 2), passes, force_offload) as transformer:
         InfiniteTalkLoop(transformer, vae, settings, device).run(inputs, sink, callbacks)
     frames = sink.result()
     video = torch.zeros(1, 64, 64, 3) if frames is None else frames * 2 - 1

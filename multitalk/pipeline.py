@@ -15,15 +15,16 @@ import torch
 from ..attention import resolve
 from ..fp8_optimization import QuantMode, ops_for
 from ..wanvideo.checkpoint import LoadOptions
+from ..wanvideo.layers import use_native_rms_norm
 from ..wanvideo.lora import LoraSet
 from .colormatch import DISABLED, ColorMatch
 from .embeds import MultiTalkEmbeds
-from .loop import LoopInputs, SourceVideo
+from .loop import LOOP_VARIANTS, LoopInputs, SourceVideo
 from .model import InfiniteTalkModel, load_infinitetalk
 
 BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp16_fast": torch.float16}
 COLORMATCH_MODES = (DISABLED, "mkl", "hm", "reinhard", "mvgd", "hm-mvgd-hm", "hm-mkl-hm")
-LOOP_MODES = ("auto", "multitalk", "infinitetalk")
+LOOP_MODES = ("auto", *LOOP_VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ModelRequest:
     base_precision: str = "bf16"
     quantization: str = "disabled"
     attention_mode: str = "sdpa"
+    rms_norm_function: str = "default"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,11 @@ def load_transformer(request: ModelRequest, device: torch.device) -> InfiniteTal
     dtype = BASE_PRECISIONS[request.base_precision]
     options = LoadOptions(dtype=dtype, ops=ops_for(QuantMode.parse(request.quantization)),
                           attention=resolve(request.attention_mode, device, dtype))
-    return load_infinitetalk(request.base_path, request.adapter_path, options)
+    if request.rms_norm_function not in ("default", "pytorch"):
+        raise ValueError(f"unknown rms_norm_function {request.rms_norm_function!r}; choose default or pytorch")
+    model = load_infinitetalk(request.base_path, request.adapter_path, options)
+    use_native_rms_norm(model, request.rms_norm_function == "pytorch")
+    return model
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,8 @@ def image_to_video_embeds(width: int, height: int, frame_window_size: int, motio
     window = (frame_window_size - 1) // 4 * 4 + 1
     if not 1 <= motion_frame < window:
         raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_window_size ({window})")
+    if options.get("mode", "auto") not in LOOP_MODES:
+        raise ValueError(f"unknown mode {options['mode']!r}; choose one of {', '.join(LOOP_MODES)}")
     if options.get("colormatch", DISABLED) not in COLORMATCH_MODES:
         raise ValueError(f"unknown colormatch {options['colormatch']!r}; choose one of {', '.join(COLORMATCH_MODES)}")
     images = None
@@ -114,12 +122,16 @@ def image_to_video_embeds(width: int, height: int, frame_window_size: int, motio
                        motion_frame=motion_frame, **options)
 
 
-def check_loop_mode(mode: str, model_type: str) -> None:
-    """Only the InfiniteTalk loop exists in this version; ``auto`` follows the loaded adapter's type."""
-    resolved = model_type.lower() if mode == "auto" else mode
-    if resolved != "infinitetalk":
-        raise ValueError(f"the {resolved} loop variant is not available in this version yet; load an InfiniteTalk "
-                         "adapter and use mode infinitetalk (or auto)")
+def check_loop_mode(mode: str, model_type: str) -> str:
+    """The loop variant (``infinitetalk`` / ``multitalk``) for the I2V node's ``mode``: ``auto`` follows the loaded
+    adapter's type (``"InfiniteTalk"`` / ``"MultiTalk"``, lower-cased, workflow-spec §5.1)."""
+    if mode not in LOOP_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(LOOP_MODES)}")
+    resolved = str(model_type).lower() if mode == "auto" else mode
+    if resolved not in LOOP_VARIANTS:
+        raise ValueError(f"mode auto needs an InfiniteTalk or MultiTalk adapter, the model has {model_type!r}; "
+                         "connect the Multi/InfiniteTalk Model Loader or choose mode infinitetalk or multitalk")
+    return resolved
 
 
 def default_speaker_masks(height: int, width: int) -> torch.Tensor:
@@ -162,10 +174,13 @@ def source_video(samples: Mapping) -> SourceVideo:
 
 
 def loop_inputs(image_embeds: Mapping, text_embeds: Mapping, multitalk_embeds: Mapping,
-                num_frames_cap: Optional[int] = None, samples: Optional[Mapping] = None) -> LoopInputs:
+                num_frames_cap: Optional[int] = None, samples: Optional[Mapping] = None,
+                model_type: str = "InfiniteTalk") -> LoopInputs:
     """Sampler sockets -> :class:`LoopInputs`. The audio decides the length (capped by ``num_frames_cap``).
 
     ``samples``: the sampler's optional LATENT input (video-to-video source, see :func:`source_video`).
+    ``model_type``: the loaded adapter's type (``TransformerHandle.model_type``), which ``multitalk_mode`` ``auto``
+    follows (see :func:`check_loop_mode`).
     """
     embeds = MultiTalkEmbeds.from_dict(multitalk_embeds)
     start = image_embeds.get("multitalk_start_image")
@@ -190,7 +205,8 @@ def loop_inputs(image_embeds: Mapping, text_embeds: Mapping, multitalk_embeds: M
                       clip_context=image_embeds.get("clip_context"), ref_target_masks=masks,
                       audio_scale=embeds.audio_scale,
                       colormatch=ColorMatch(method=image_embeds.get("colormatch", DISABLED)),
-                      source=None if samples is None else source_video(samples))
+                      source=None if samples is None else source_video(samples),
+                      variant=check_loop_mode(image_embeds.get("multitalk_mode", "auto"), model_type))
 
 
 def scale_list(value, steps: int) -> float | list[float]:

@@ -56,3 +56,33 @@ def sampler_file(fixtures_dir):
     with safe_open(str(path), "pt") as handle:
         meta = json.loads(handle.metadata()["harness"])
     return load_file(str(path)), meta
+
+
+@pytest.fixture(scope="module")
+def tiny_server(comfy_server):
+    """The session's ComfyUI server with the tiny models and the bundled workflow assets in place."""
+    from bundled_workflows import WORKFLOWS_DIR
+    from make_tiny_models import make_tiny_models
+
+    make_tiny_models(comfy_server.models_dir)
+    for asset in (WORKFLOWS_DIR / "assets").iterdir():
+        (comfy_server.input_dir / asset.name).write_bytes(asset.read_bytes())
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def loop_model_files(fixtures_dir, tmp_path_factory):
+    """(folder with infinitetalk.safetensors and vae.safetensors from the 1-speaker and VAE fixtures, text_len)."""
+    import json
+
+    from parity import tensor_group
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("models")
+    ref = fixtures_dir / "ref_tiny_1p.safetensors"
+    text_len = json.loads(safe_open(str(ref), "pt").metadata()["harness"])["config"]["text_len"]
+    save_file(tensor_group(load_file(str(ref)), "state_dict"), str(folder / "infinitetalk.safetensors"))
+    vae_sd = tensor_group(load_file(str(fixtures_dir / "ref_vae_a.safetensors")), "state_dict")
+    save_file(vae_sd, str(folder / "vae.safetensors"))
+    return folder, text_len

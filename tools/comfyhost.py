@@ -5,6 +5,7 @@ The ComfyUI tree and its Python come from ``tools/setup_host.sh`` (``.cache/host
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -52,14 +53,17 @@ def _write_paths_yaml(path: Path, custom_nodes: Path, models: Path) -> None:
 
 @dataclass
 class ComfyServer:
-    """One ComfyUI process. ``workdir`` holds its custom_nodes link, models, input/output/temp/user folders."""
+    """One ComfyUI process. ``workdir`` holds its custom_nodes link, models, input/output/temp/user folders.
+    ``env``: extra environment variables for the server process (e.g. HF_ENDPOINT), over the test's own."""
 
     workdir: Path
     pack_dir: Path = REPO_ROOT
     pack_name: str = "ComfyUI-InfiniteTalk"
     port: int = field(default_factory=free_port)
     models_root: Path | None = None
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -97,8 +101,8 @@ class ComfyServer:
                "--disable-api-nodes", "--extra-model-paths-config", str(yaml_path),
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
-               "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+               "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log_file, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
@@ -168,6 +172,42 @@ class ComfyServer:
                 return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def free(self, unload_models: bool = True, free_memory: bool = False) -> None:
+        """POST /free: ComfyUI unloads its loaded models (and with ``free_memory`` drops its cache) once the worker
+        is idle; the second prompt queued after this call is sure to run after it."""
+        requests.post(self.url + "/free", json={"unload_models": unload_models, "free_memory": free_memory},
+                      timeout=30).raise_for_status()
+
+    def run_prompt_ws(self, prompt: dict, timeout: float = 900.0) -> tuple[dict, list]:
+        """Queue a prompt as a websocket client and listen until it has finished. Returns its history entry and
+        every message the server sent that client meanwhile, in order: JSON messages as dicts, binary frames
+        (previews: a big-endian uint32 event type, then the payload) as bytes."""
+        messages, prompt_id = asyncio.run(self._listen(prompt, timeout))
+        return self.wait_history(prompt_id, timeout), messages
+
+    async def _listen(self, prompt: dict, timeout: float) -> tuple[list, str]:
+        import aiohttp  # ComfyUI's own dependency; only this method needs it
+
+        client_id, messages = uuid.uuid4().hex, []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{self.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
+                async with session.post(self.url + "/prompt",
+                                        json={"prompt": prompt, "client_id": client_id}) as response:
+                    body = await response.json()
+                    if response.status != 200:
+                        raise AssertionError(f"prompt rejected ({response.status}): {json.dumps(body, indent=1)}")
+                async with asyncio.timeout(timeout):
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.BINARY:
+                            messages.append(bytes(message.data))
+                            continue
+                        data = json.loads(message.data)
+                        messages.append(data)
+                        if data["type"] == "executing" and data["data"].get("node") is None and \
+                                data["data"].get("prompt_id") == body["prompt_id"]:
+                            break
+        return messages, body["prompt_id"]
 
     def set_setting(self, key: str, value) -> None:
         requests.post(f"{self.url}/settings/{key}", json=value, timeout=30).raise_for_status()

@@ -7,18 +7,10 @@ import pytest
 
 from bundled_workflows import WORKFLOWS_DIR, write_all
 from demo import run_workflow
-from make_tiny_models import make_tiny_models
 from workflow_graph import ui_to_api
 
 pytestmark = pytest.mark.comfy
 
-
-@pytest.fixture(scope="module")
-def tiny_server(comfy_server):
-    make_tiny_models(comfy_server.models_dir)
-    for asset in (WORKFLOWS_DIR / "assets").iterdir():
-        (comfy_server.input_dir / asset.name).write_bytes(asset.read_bytes())
-    return comfy_server
 
 
 def test_committed_workflows_match_their_definitions(comfy_server, tmp_path):
