@@ -18,7 +18,7 @@ import latent_preview
 import torch
 
 from .attention import ATTENTION_MODES, operand_checks, register_external
-from .blockswap import BlockSwapper, block_nbytes, estimate_activation_bytes, plan_block_swap
+from .blockswap import BlockSwapper, SwapPlan, block_nbytes, estimate_activation_bytes, plan_block_swap
 from .fp8_optimization import QUANT_MODES, LinearRuntime, linear_runtime, matmul_precision
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
@@ -93,8 +93,11 @@ class WanVideoBlockSwap:
             "required": {
                 "blocks_to_swap": ("INT", _tip("Transformer blocks kept in host RAM and streamed to the GPU for "
                                                "their forward pass.", default=20, min=0, max=48, step=1)),
-                "offload_img_emb": ("BOOLEAN", _tip("Keep the CLIP image embedder in host RAM.", default=False)),
-                "offload_txt_emb": ("BOOLEAN", _tip("Keep the text embedder in host RAM.", default=False)),
+                "offload_img_emb": ("BOOLEAN", _tip(
+                    "Keep the CLIP image projection in host RAM and stream it to the GPU for each call.",
+                    default=False)),
+                "offload_txt_emb": ("BOOLEAN", _tip(
+                    "Keep the text embedder in host RAM and stream it to the GPU for each call.", default=False)),
             },
             "optional": {
                 "use_non_blocking": ("BOOLEAN", _tip("Copy blocks on separate streams so copies overlap compute.",
@@ -136,8 +139,11 @@ class WanVideoEnhancedBlockSwap:
                                                  step=1)),
                 "bandwidth_target": ("FLOAT", _tip("Share of the host link the prefetcher may use.", default=0.8,
                                                    min=0.1, max=1.0, step=0.1)),
-                "offload_txt_emb": ("BOOLEAN", _tip("Keep the text embedder in host RAM.", default=False)),
-                "offload_img_emb": ("BOOLEAN", _tip("Keep the CLIP image embedder in host RAM.", default=False)),
+                "offload_txt_emb": ("BOOLEAN", _tip(
+                    "Keep the text embedder in host RAM and stream it to the GPU for each call.", default=False)),
+                "offload_img_emb": ("BOOLEAN", _tip(
+                    "Keep the CLIP image projection in host RAM and stream it to the GPU for each call.",
+                    default=False)),
                 "vace_blocks_to_swap": ("INT", _tip("VACE blocks to swap (no VACE in InfiniteTalk).", default=0,
                                                     min=0, max=15, step=1)),
                 "debug_mode": ("BOOLEAN", _tip("Log per-step transfer and wait times.", default=False)),
@@ -897,8 +903,8 @@ class WanVideoImageToVideoMultiTalk:
                     "If set, frames are written as PNG into <output_path>/<YYYYmmdd_HHMMSS>_<mode>_output/ instead of "
                     "kept in RAM, with a checkpoint after every window. Queue the same run again with the same "
                     "output_path to resume after a crash or cancel: the newest run folder there whose run.json "
-                    "fingerprint (models, prompts, audio, images, sizes, sampler settings, seed) matches continues after "
-                    "its last finished window; any change starts a fresh folder (the log says what differed).",
+                    "fingerprint (models, prompts, audio, images, sizes, sampler settings, seed) matches continues "
+                    "after its last finished window; any change starts a fresh folder (the log says what differed).",
                     default="")),
             },
         }
@@ -1018,13 +1024,15 @@ class WanVideoSampler:
 
 class WanVideoModel(torch.nn.Module):
     """The module ComfyUI manages for a WANVIDEOMODEL (upstream layout): ``diffusion_model`` is the transformer.
-    While it is loaded, ``swapper`` is its attached BlockSwapper (None: the transformer is on the device whole) and
-    ``placed_for`` the placement key (block swap args, activation bytes) it was placed for."""
+    While it is loaded, ``swapper`` is its attached BlockSwapper (None: the transformer is on the device whole),
+    ``embed_swapper`` the one streaming the text / CLIP-image embedders from host memory (``offload_txt_emb`` /
+    ``offload_img_emb``) and ``placed_for`` the placement key (block swap args, activation bytes) it was placed for."""
 
     def __init__(self, transformer: torch.nn.Module):
         super().__init__()
         self.diffusion_model = transformer
         self.swapper = None
+        self.embed_swapper = None
         self.placed_for = None
 
 
@@ -1128,29 +1136,43 @@ class WanVideoPatcher(_PackPatcher):
         self.model.placed_for = self._placement_key()
         if not args:
             return super()._place(device, budget)
-        others = [child for name, child in transformer.named_children() if name != "blocks"]
+        streamed = _streamed_embedders(transformer, args)
+        others = [child for name, child in transformer.named_children()
+                  if name != "blocks" and all(child is not m for m in streamed)]
         for child in others:
             child.to(device)
         resident = sum(comfy.model_management.module_size(child) for child in others)
+        if streamed:
+            embedders = torch.nn.ModuleList(streamed)
+            self.model.embed_swapper = BlockSwapper.attach(embedders, SwapPlan(
+                swapped=tuple(range(len(streamed))), num_blocks=len(streamed), prefetch=0, overlap=False), device)
+            resident += self.model.embed_swapper.slot_bytes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
             comfy.model_management.get_free_memory(device)
         free = max(0, int(min(free, budget - resident + self.activation_bytes)))
         plan = plan_block_swap(args, [block_nbytes(b) for b in transformer.blocks], free, self.activation_bytes)
         if not plan.swapped:
             transformer.blocks.to(device)
-            return self.model_size()
+            return resident + comfy.model_management.module_size(transformer.blocks)
         self.model.swapper = BlockSwapper.attach(transformer.blocks, plan, device)
         return resident + plan.weight_vram_bytes
 
     def _release(self) -> None:
-        swapper, self.model.swapper, self.model.placed_for = self.model.swapper, None, None
-        if swapper is None:
+        swappers = [s for s in (self.model.swapper, self.model.embed_swapper) if s is not None]
+        self.model.swapper = self.model.embed_swapper = self.model.placed_for = None
+        if not swappers:
             super()._release()
             return
-        swapper.detach()
-        for name, child in self.model.diffusion_model.named_children():
-            if name != "blocks":
-                child.to(self.offload_device)
+        for swapper in swappers:
+            swapper.detach()
+        self.model.diffusion_model.to(self.offload_device)
+
+
+def _streamed_embedders(transformer: torch.nn.Module, args) -> list[torch.nn.Module]:
+    """The embedders block-swap ``args`` keep in host memory, streamed to the device for each call: the text
+    embedder (``offload_txt_emb``) and the CLIP-image projection (``offload_img_emb``)."""
+    chosen = (("text_embedding", "offload_txt_emb"), ("img_emb", "offload_img_emb"))
+    return [getattr(transformer, name) for name, key in chosen if args.get(key) and hasattr(transformer, name)]
 
 
 class _ManagedTextEncoder:

@@ -51,7 +51,8 @@ class LoadedModelsProbe:
             torch.save(after["video"].clone(), os.path.join(folder_paths.get_output_directory(), tag + ".pt"))
         loaded = [{"module": type(m.model.model).__name__, "loaded": int(m.model.loaded_size()),
                    "size": int(m.model.model_size()), "device": str(m.model.current_loaded_device()),
-                   "swapped": getattr(m.model.model, "swapper", None) is not None}
+                   "swapped": getattr(m.model.model, "swapper", None) is not None,
+                   "streamed_embedders": len(getattr(getattr(m.model.model, "embed_swapper", None), "blocks", ()))}
                   for m in comfy.model_management.current_loaded_models if m.model is not None]
         return {"ui": {"text": [json.dumps(loaded)]}}
 
@@ -93,14 +94,16 @@ def base_prompt(server):
     return keep
 
 
-def _variant(prompt: dict, tag: str, seed: int, force_offload: bool = False, swap_blocks: int = 0) -> dict:
+def _variant(prompt: dict, tag: str, seed: int, force_offload: bool = False, swap_blocks: int = 0,
+             offload_embedders: bool = False) -> dict:
     prompt = json.loads(json.dumps(prompt))
     sampler = next(n for n in prompt.values() if n["class_type"] == "WanVideoSampler")
     sampler["inputs"].update(seed=seed, force_offload=force_offload)
     prompt["probe"]["inputs"]["tag"] = tag
     if swap_blocks:
         prompt["swap_args"] = {"class_type": "WanVideoBlockSwap", "inputs": {
-            "blocks_to_swap": swap_blocks, "offload_img_emb": False, "offload_txt_emb": False}}
+            "blocks_to_swap": swap_blocks, "offload_img_emb": offload_embedders,
+            "offload_txt_emb": offload_embedders}}
         prompt["set_swap"] = {"class_type": "WanVideoSetBlockSwap", "inputs": {
             "model": sampler["inputs"]["model"], "block_swap_args": ["swap_args", 0]}}
         sampler["inputs"]["model"] = ["set_swap", 0]
@@ -177,3 +180,16 @@ def test_text_encoder_loads_through_comfyui_and_unloads(server):
     prompt["text"]["inputs"]["positive_prompt"] = "a man is speaking"
     loaded, _ = _loaded(server, prompt)
     assert loaded["UMT5Encoder"]["loaded"] > 0
+
+
+def test_offloaded_embedders_stream_from_host_memory(server, base_prompt):
+    """offload_txt_emb / offload_img_emb: the text embedder and the CLIP-image projection stay in host memory and
+    stream in for each call (fewer bytes loaded), with the same video."""
+    swapped, _ = _loaded(server, _variant(base_prompt, "swapped_seed10", seed=10, swap_blocks=2))
+    loaded, streamed = _loaded(server, _variant(base_prompt, "embedders_seed10", seed=10, swap_blocks=2,
+                                                offload_embedders=True))
+    transformer = loaded["WanVideoModel"]
+    assert transformer["streamed_embedders"] == 2 and swapped["WanVideoModel"]["streamed_embedders"] == 0
+    assert transformer["loaded"] < swapped["WanVideoModel"]["loaded"]
+    _, whole = _loaded(server, _variant(base_prompt, "whole_seed10", seed=10))
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from infinitetalk.attention import resolve
-from infinitetalk.blockswap import ALIGN, BlockSwapper, block_nbytes, plan_block_swap
+from infinitetalk.blockswap import ALIGN, BlockSwapper, SwapPlan, block_nbytes, plan_block_swap
 from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.multitalk.model import InfiniteTalkModel
 from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model, open_state_dict
@@ -184,3 +184,23 @@ def test_cancelled_forward_then_release_frees_the_slots(weights, models):
     finally:
         handle.remove()
         swapper.detach()
+
+
+def test_embedders_stream_from_host_memory_next_to_swapped_blocks(weights, models):
+    """offload_txt_emb / offload_img_emb: the text embedder and the CLIP-image projection are streamed by a second
+    swapper (one slot, copies on the compute stream) while the blocks swap; outputs stay bit-identical and the
+    embedders' weights are back in page-locked host memory between forwards."""
+    model, ref = models["fp8_e4m3fn_scaled"]
+    embedders = torch.nn.ModuleList([model.text_embedding, model.img_emb])
+    streamer = BlockSwapper.attach(embedders, SwapPlan(swapped=(0, 1), num_blocks=2, prefetch=0, overlap=False), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, LAYERS, 4), CUDA)
+    try:
+        for _ in range(2):
+            assert torch.equal(_forward(model, weights[1]), ref)
+        assert streamer.stats.passes == 2 and streamer.slot_bytes > 0
+        assert all(page_locked(streamer.host_range(b)) for b in range(2))
+    finally:
+        swapper.detach()
+        streamer.detach()
+    model.to(CUDA)
+    assert torch.equal(_forward(model, weights[1]), ref)
