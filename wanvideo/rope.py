@@ -80,9 +80,4 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    out = torch.empty_like(pairs)
-    torch.mul(a, cos, out=out[..., 0])
-    out[..., 0] -= b * sin
-    torch.mul(b, cos, out=out[..., 1])
-    out[..., 1] += a * sin
-    return out.flatten(-2)
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)

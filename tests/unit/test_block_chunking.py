@@ -88,3 +88,25 @@ def test_native_rms_norm_switch_is_close_to_the_reference_and_changes_the_kernel
     assert native.dtype == torch.bfloat16 and not torch.equal(native, reference)
     torch.testing.assert_close(native.float(), reference.float(), rtol=2e-2, atol=2e-2)
     assert torch.equal(norm(x), reference)
+
+
+def test_chunked_block_traces_under_torch_compile(monkeypatch):
+    """WanVideoTorchCompileSettings compiles the blocks: the chunked code paths must trace (dynamo, eager backend)
+    and give the eager result."""
+    cfg = WanConfig(dim=64, ffn_dim=160, num_heads=2, num_layers=1, text_dim=32, clip_dim=32)
+    torch.manual_seed(0)
+    block = WanAttentionBlock(cfg, ops_for("disabled"), resolve("sdpa", "cpu", torch.float32)).eval()
+    grid = (3, 4, 5)
+    x, e0 = torch.randn(1, 60, cfg.dim), 0.1 * torch.randn(1, 6, cfg.dim)
+    ctx = BlockContext(grid=grid, rope=rope_table_3d(grid, cfg.head_dim, torch.device("cpu")),
+                       context=torch.randn(1, 257 + 7, cfg.dim), n_img=257)
+    monkeypatch.setattr(wan_model, "FFN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 11)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(block)(x, e0, ctx)
+        compiled = torch.compile(block, backend="eager")(x, e0, ctx)
+        torch.testing.assert_close(compiled, block(x, e0, ctx), rtol=1e-6, atol=1e-6)
+    reasons = {str(r.reason).splitlines()[0] for r in explained.break_reasons}
+    assert all("torch.compiler.disable" in r for r in reasons), reasons  # only the attention call breaks the graph
