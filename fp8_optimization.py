@@ -52,21 +52,19 @@ weight and scale tensors in their formats and convert only the bias.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import logging
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant_runtime import current_runtime, report_layout
 from .quant_formats import (E4M3, E5M2, MXFP4_BLOCK, NVFP4_BLOCK, GemmOperands, Kernel, check_operands,
-                            dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, eager_quantization,
-                            nvfp4_to_e4m3,
+                            dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, nvfp4_to_e4m3,
                             quantize_fp8, quantize_mxfp4, quantize_nvfp4, quantize_nvfp4_activations,
                             quantize_rows_e4m3, quantize_tensor_e4m3, relative_error, round_up,
                             swizzle_block_scales)
@@ -102,41 +100,6 @@ class QuantMode(str, enum.Enum):
 QUANT_MODES = tuple(m.value for m in QuantMode)
 
 
-@dataclass(frozen=True)
-class LinearRuntime:
-    """Per-run switches (the sampler's extra inputs). ``cublas_only``: quantization helpers run eagerly, so the
-    only kernels of a quantized layer are cuBLAS/cuBLASLt GEMMs (``use_cublas_gemm``); ``fuse_qkv``: :func:`fused_projection`
-    runs the q/k/v projections as one GEMM (``fuse_qkv_projections``); ``report_layouts``: log once per layer an
-    input that needed a layout copy before its GEMM (``force_contiguous_tensors``)."""
-
-    cublas_only: bool = False
-    fuse_qkv: bool = False
-    report_layouts: bool = False
-
-
-_RUNTIME: ContextVar[tuple[LinearRuntime, set]] = ContextVar("infinitetalk_linear_runtime",
-                                                             default=(LinearRuntime(), set()))
-
-
-@contextlib.contextmanager
-def linear_runtime(settings: LinearRuntime) -> Iterator[None]:
-    """Apply ``settings`` to every Linear call inside (this thread / task only)."""
-    token = _RUNTIME.set((settings, set()))
-    try:
-        with eager_quantization(settings.cublas_only):
-            yield
-    finally:
-        _RUNTIME.reset(token)
-
-
-def _report_layout(layer: str, x: torch.Tensor, fix: str) -> None:
-    settings, reported = _RUNTIME.get()
-    if settings.report_layouts and layer not in reported:
-        reported.add(layer)
-        log.info("force_contiguous_tensors: %s got input %s with strides %s at address %#x; %s before the GEMM",
-                 layer, tuple(x.shape), x.stride(), x.data_ptr(), fix)
-
-
 def fused_projection(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
     """Under ``linear_runtime(LinearRuntime(fuse_qkv=True))``: ``[layer(x) for layer in layers]`` for Linears of
     one class with equal ``in_features`` (q, k, v), computed as one GEMM over their weights concatenated along N
@@ -147,7 +110,7 @@ def fused_projection(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[l
     LoRAs, a kernel without a fused form): the caller then runs the layers one by one, in the order that keeps
     the fewest activations alive.
     """
-    kernel = _fusable_kernel(layers, x) if _RUNTIME.get()[0].fuse_qkv else None
+    kernel = _fusable_kernel(layers, x) if current_runtime().fuse_qkv else None
     if kernel is None:
         return None
     rows = x.reshape(-1, x.shape[-1])
@@ -212,7 +175,7 @@ class CastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
-            _report_layout(self.layer_name, x, "F.linear handles it (cuBLAS may copy)")
+            report_layout(self.layer_name, x, "F.linear handles it (cuBLAS may copy)")
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
@@ -436,7 +399,7 @@ class QuantLinear(nn.Module):
         kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
         rows = x.reshape(-1, self.in_features)
         if not x.is_contiguous() or rows.data_ptr() % 16:
-            _report_layout(self.layer_name, x, "made contiguous and 16-byte aligned")
+            report_layout(self.layer_name, x, "made contiguous and 16-byte aligned")
         if not rows.is_contiguous():
             rows = rows.contiguous()
         elif rows.data_ptr() % 16:
@@ -694,23 +657,3 @@ def bytes_per_weight(layer: nn.Module) -> float:
     names = getattr(layer, "storage_names", ("weight",))
     total = sum(getattr(layer, name).numel() * getattr(layer, name).element_size() for name in names)
     return total / (layer.in_features * layer.out_features)
-
-
-@contextlib.contextmanager
-def matmul_precision(tf32: bool = False, fp16_accumulation: bool = False) -> Iterator[None]:
-    """Inside: float32 matmuls and cuDNN convolutions may use TF32 (``tf32``), and fp16 GEMMs may accumulate in
-    fp16 (``fp16_accumulation``, the ``fp16_fast`` base precision; only where the torch build has the flag). The
-    process-wide flags are restored on exit."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32, getattr(matmul, "allow_fp16_accumulation", None))
-    if fp16_accumulation and saved[2] is None:
-        log.warning("fp16_fast: this torch build has no fp16 accumulation flag; using plain fp16 GEMMs")
-    try:
-        matmul.allow_tf32, cudnn.allow_tf32 = tf32, tf32
-        if saved[2] is not None:
-            matmul.allow_fp16_accumulation = fp16_accumulation
-        yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved[0], saved[1]
-        if saved[2] is not None:
-            matmul.allow_fp16_accumulation = saved[2]

@@ -19,7 +19,8 @@ import torch
 
 from .attention import ATTENTION_MODES, operand_checks, register_external
 from .blockswap import BlockSwapper, SwapPlan, block_nbytes, estimate_activation_bytes, plan_block_swap
-from .fp8_optimization import QUANT_MODES, LinearRuntime, linear_runtime, matmul_precision
+from .fp8_optimization import QUANT_MODES
+from .quant_runtime import LinearRuntime, linear_runtime, matmul_precision
 from .multitalk import pipeline
 from .multitalk.audio_input import AudioPrepOptions
 from .multitalk.embeds import EmbedOptions, embed_audio, silent_embeds

@@ -37,7 +37,8 @@ import packimport  # noqa: E402
 
 packimport.register()
 from infinitetalk.attention import resolve  # noqa: E402
-from infinitetalk.fp8_optimization import LinearRuntime, linear_runtime, matmul_precision, ops_for  # noqa: E402
+from infinitetalk.fp8_optimization import ops_for  # noqa: E402
+from infinitetalk.quant_runtime import LinearRuntime, linear_runtime, matmul_precision  # noqa: E402
 from infinitetalk.multitalk.model import InfiniteTalkModel  # noqa: E402
 from infinitetalk.wanvideo.checkpoint import LazyStateDict, LoadOptions, load_model  # noqa: E402
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig  # noqa: E402

@@ -123,7 +123,8 @@ def test_move_to_gpu_and_state_dict_round_trip(mode):
                                   "fp4_scaled_fast"])
 def test_fused_qkv_projection_matches_separate_layers(mode):
     """fuse_qkv_projections: one GEMM (one activation quantization) over q/k/v with N and K needing padding."""
-    from infinitetalk.fp8_optimization import LinearRuntime, fused_projection, linear_runtime
+    from infinitetalk.fp8_optimization import fused_projection
+    from infinitetalk.quant_runtime import LinearRuntime, linear_runtime
 
     layers = []
     for seed in range(3):
@@ -147,7 +148,7 @@ def test_cublas_only_runs_no_generated_kernel():
     """use_cublas_gemm: the quantization helpers run eagerly (dynamo compiles no new frame)."""
     from torch._dynamo.utils import counters
 
-    from infinitetalk.fp8_optimization import LinearRuntime, linear_runtime
+    from infinitetalk.quant_runtime import LinearRuntime, linear_runtime
 
     w, b = _weights(48, 176, seed=5)  # a weight shape no other test compiles for
     layer = ops_for("fp8_e4m3fn_scaled_fast").Linear.from_weight(w.bfloat16(), b.bfloat16())

@@ -24,7 +24,8 @@ COMFY = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config"
 KERNELS = {"attention", "fp8_optimization", "blockswap"}
 # Private helper modules split out of one kernel module: same rules as their owner, importable only by it and by
 # the core that may import the owner.
-KERNEL_HELPERS = {"quant_formats": "fp8_optimization", "attention_kernels": "attention", "attention_triton": "attention"}
+KERNEL_HELPERS = {"quant_formats": "fp8_optimization", "quant_runtime": "fp8_optimization",
+                  "attention_kernels": "attention", "attention_triton": "attention"}
 PACK_TOP = {"wanvideo", "multitalk", "nodes", *KERNELS, *KERNEL_HELPERS}
 OUTSIDE_CORE = ("tests", "tools", "benchmarks")
 CONTIGUOUS_OK = {f"{k}.py" for k in (*KERNELS, *KERNEL_HELPERS)}
@@ -99,8 +100,8 @@ def allowed_internal(module: str, target: str) -> bool:
     src, dst = top(module), top(target)
     if module == "":
         return target == "nodes"
-    if src in KERNELS or src in KERNEL_HELPERS:
-        return KERNEL_HELPERS.get(dst) == src
+    if src in KERNELS or src in KERNEL_HELPERS:  # a kernel and its helpers: only helpers of the same kernel
+        return dst != src and KERNEL_HELPERS.get(dst) == KERNEL_HELPERS.get(src, src)
     dst = KERNEL_HELPERS.get(dst, dst)
     if src == "wanvideo":
         return dst in ("wanvideo", "attention", "fp8_optimization")

@@ -1,4 +1,4 @@
-"""The sampler's run-time switches (fp8_optimization.linear_runtime, attention.operand_checks):
+"""The sampler's run-time switches (quant_runtime.linear_runtime, attention.operand_checks):
 fuse_qkv_projections runs q/k/v as one GEMM with the same results, force_contiguous_tensors reports layout copies once
 and verifies attention operands, use_cublas_gemm switches the quantization helpers to eager torch ops."""
 import logging
@@ -8,7 +8,8 @@ import torch
 
 from infinitetalk import quant_formats
 from infinitetalk.attention import operand_checks, resolve
-from infinitetalk.fp8_optimization import LinearRuntime, fused_projection, linear_runtime, ops_for
+from infinitetalk.fp8_optimization import fused_projection, ops_for
+from infinitetalk.quant_runtime import LinearRuntime, linear_runtime
 from infinitetalk.multitalk.model import InfiniteTalkModel
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig
 
@@ -68,7 +69,7 @@ def test_layout_report_names_the_layer_once(caplog):
     layer = layers("fp8_e4m3fn_scaled", n=1)[0]
     layer.layer_name = "blocks.3.self_attn.q"
     x = torch.randn(7, 2, 48).transpose(0, 1)  # non-contiguous activations
-    with caplog.at_level(logging.INFO, logger="infinitetalk.fp8_optimization"):
+    with caplog.at_level(logging.INFO, logger="infinitetalk.quant_runtime"):
         layer(x)
         assert not caplog.records
         with linear_runtime(LinearRuntime(report_layouts=True)):

@@ -366,7 +366,7 @@ def test_self_test_refuses_numerically_wrong_paths():
 
 
 def test_matmul_precision_sets_and_restores_the_flags():
-    from infinitetalk.fp8_optimization import matmul_precision
+    from infinitetalk.quant_runtime import matmul_precision
 
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     before = (matmul.allow_tf32, cudnn.allow_tf32, getattr(matmul, "allow_fp16_accumulation", None))
