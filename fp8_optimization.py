@@ -113,16 +113,28 @@ def fused_projection(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[l
     kernel = _fusable_kernel(layers, x) if current_runtime().fuse_qkv else None
     if kernel is None:
         return None
-    rows = x.reshape(-1, x.shape[-1])
     if kernel is Kernel.FP8_ROWWISE:
-        parts = _fused_fp8_rowwise(layers, rows)
+        name = "+".join(layer.layer_name for layer in layers)
+        parts = _fused_fp8_rowwise(layers, _gemm_rows(x, name), name)
     else:
+        rows = x.reshape(-1, x.shape[-1])
         weights = [layer.weight.to(x.dtype) if isinstance(layer, CastLinear) else layer.dequantized_weight(x.dtype)
                    for layer in layers]
         bias = None if layers[0].bias is None else torch.cat([layer.bias.to(x.dtype) for layer in layers])
         y = F.linear(rows, torch.cat(weights), bias)
         parts = y.split([layer.out_features for layer in layers], dim=1)
     return [part.unflatten(0, x.shape[:-1]) for part in parts]
+
+
+def _gemm_rows(x: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """x [..., K] as the GEMM's activation operand: [M, K], contiguous, 16-byte aligned (a copy only when x is not;
+    reported under ``force_contiguous_tensors``)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not x.is_contiguous() or rows.data_ptr() % 16:
+        report_layout(layer_name, x, "made contiguous and 16-byte aligned")
+    if not rows.is_contiguous():
+        return rows.contiguous()
+    return rows.clone() if rows.data_ptr() % 16 else rows
 
 
 def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Kernel]:
@@ -139,16 +151,14 @@ def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Ke
     return None
 
 
-def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor) -> list[torch.Tensor]:
-    """One row-wise fp8 GEMM for several fp8 layers: their weights [sum n_pad, k_pad] and [1, sum n_pad] scales
-    concatenated, the activation quantized once; returns each layer's [M, out_features] (column slices)."""
+def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor, name: str) -> list[torch.Tensor]:
+    """One row-wise fp8 GEMM (named ``name`` in errors) for several fp8 layers: their weights [sum n_pad, k_pad] and
+    [1, sum n_pad] scales concatenated, the activation rows [M, K] (contiguous) quantized once; returns each layer's
+    [M, out_features] (column slices)."""
     operands = [layer._fp8_operands() for layer in layers]
     w8, scale_b = torch.cat([w for w, _ in operands]), torch.cat([scale for _, scale in operands], dim=1)
     biases = [layer._bias_as(rows.dtype, padded=True) for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
-    if not rows.is_contiguous() or rows.data_ptr() % 16:
-        rows = rows.contiguous() if not rows.is_contiguous() else rows.clone()
-    name = "+".join(layer.layer_name for layer in layers)
     y = _fp8_rowwise_gemm(name, rows, w8, scale_b, bias, layers[0])
     parts = y.split([layer.n_pad for layer in layers], dim=1)
     return [part[:, :layer.out_features] for part, layer in zip(parts, layers)]
@@ -397,14 +407,7 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != in_features {self.in_features}")
         kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
-        rows = x.reshape(-1, self.in_features)
-        if not x.is_contiguous() or rows.data_ptr() % 16:
-            report_layout(self.layer_name, x, "made contiguous and 16-byte aligned")
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        elif rows.data_ptr() % 16:
-            rows = rows.clone()
-        y = getattr(self, _RUNNERS[kernel])(rows)
+        y = getattr(self, _RUNNERS[kernel])(_gemm_rows(x, self.layer_name))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _bias_as(self, dtype: torch.dtype, padded: bool) -> Optional[torch.Tensor]:

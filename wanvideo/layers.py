@@ -10,7 +10,7 @@ an activation exists (a [32760, 5120] one is 0.67 GB). The results equal the unc
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +21,17 @@ TOKEN_CHUNK = 4096
 
 
 def by_token_chunks(fn: Callable[..., torch.Tensor], dtype: torch.dtype, x: torch.Tensor,
-                    *rows: torch.Tensor) -> torch.Tensor:
+                    *rows: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """``fn(x, *rows).to(dtype)`` for a per-token ``fn`` of tensors [..., S, C] (dim -2 = tokens; ``rows`` have x's
-    token count), computed over chunks of :data:`TOKEN_CHUNK` tokens into one output [..., S, C_out] of ``dtype``."""
+    token count), computed over chunks of ``chunk`` (default :data:`TOKEN_CHUNK`) tokens into one output
+    [..., S, C_out] of ``dtype``."""
+    chunk = chunk or TOKEN_CHUNK
     tokens = x.shape[-2] if x.dim() >= 2 else 0
-    if tokens <= TOKEN_CHUNK:
+    if tokens <= chunk:
         return fn(x, *rows).to(dtype)
     out = None
-    for start in range(0, tokens, TOKEN_CHUNK):
-        part = fn(*(t[..., start:start + TOKEN_CHUNK, :] for t in (x, *rows)))
+    for start in range(0, tokens, chunk):
+        part = fn(*(t[..., start:start + chunk, :] for t in (x, *rows)))
         if out is None:
             out = torch.empty((*part.shape[:-2], tokens, part.shape[-1]), dtype=dtype, device=part.device)
         out[..., start:start + part.shape[-2], :] = part
