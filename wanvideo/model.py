@@ -22,6 +22,8 @@ from .layers import (MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_r
 from .rope import RopeTable, apply_rope, rope_table_3d
 
 FFN_CHUNK_TOKENS = 8192  # the FFN runs over token chunks of this size: its [S, ffn_dim] hidden state never exists whole
+CROSS_ATTN_CHUNK_TOKENS = 8192  # the text/image cross-attention's queries run over token chunks of this size
+KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -69,18 +71,36 @@ class WanSelfAttention(nn.Module):
 
 class WanT2VCrossAttention(WanSelfAttention):
     """Cross-attention to the text tokens (the same layers as self-attention, no RoPE, as in the official code).
-    x [B, S, dim], context [B, L, dim] -> [B, S, dim]."""
+    x [B, S, dim], context [B, L, dim] -> [B, S, dim].
+
+    Split in two so the block can run the queries over token chunks: :meth:`keys_values` projects the context once,
+    :meth:`queries` attends any subset of query tokens to it (every query token is independent).
+    """
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def _text(self, q: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        k, v = fused_projection((self.k, self.v), text) or (self.k(text), self.v(text))
-        return self.attention(q, self._heads(self.norm_k(k)), self._heads(v)).flatten(2)
+    def _project(self, context: torch.Tensor, k: nn.Module, v: nn.Module, norm: nn.Module) -> KeysValues:
+        keys, values = fused_projection((k, v), context) or (k(context), v(context))
+        return self._heads(norm(keys)), self._heads(values)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0) -> torch.Tensor:
+    def keys_values(self, context: torch.Tensor, n_img: int = 0) -> list[KeysValues]:
+        """Keys and values [B, L, heads, head_dim] of the text tokens ``context[:, n_img:]``."""
+        return [self._project(context[:, n_img:], self.k, self.v, self.norm_k)]
+
+    def queries(self, x: torch.Tensor, keys_values: Sequence[KeysValues]) -> torch.Tensor:
+        """x [B, s, dim] -> [B, s, dim]: the attention outputs over each (keys, values) pair, summed, then ``o``."""
         q = self._heads(self.norm_q(self.q(x)))
-        return self.o(self._text(q, context[:, n_img:]))
+        out = None
+        for k, v in keys_values:
+            part = self.attention(q, k, v).flatten(2)
+            out = part if out is None else out + part
+        return self.o(out)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0,
+                keys_values: Optional[Sequence[KeysValues]] = None) -> torch.Tensor:
+        """x [B, s, dim] -> [B, s, dim]; ``keys_values`` (from :meth:`keys_values`) skips projecting the context."""
+        return self.queries(x, keys_values if keys_values is not None else self.keys_values(context, n_img))
 
 
 class WanI2VCrossAttention(WanT2VCrossAttention):
@@ -96,14 +116,12 @@ class WanI2VCrossAttention(WanT2VCrossAttention):
         self.v_img = ops.Linear(cfg.dim, cfg.dim)
         self.norm_k_img = WanRMSNorm(cfg.dim, eps=cfg.eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0) -> torch.Tensor:
-        q = self._heads(self.norm_q(self.q(x)))
+    def keys_values(self, context: torch.Tensor, n_img: int = 0) -> list[KeysValues]:
+        """Text keys/values, then (n_img > 0) those of the CLIP tokens ``context[:, :n_img]``."""
+        text = super().keys_values(context, n_img)
         if n_img == 0:
-            return self.o(self._text(q, context))
-        img = context[:, :n_img]
-        k_img, v_img = fused_projection((self.k_img, self.v_img), img) or (self.k_img(img), self.v_img(img))
-        img_out = self.attention(q, self._heads(self.norm_k_img(k_img)), self._heads(v_img)).flatten(2)
-        return self.o(self._text(q, context[:, n_img:]) + img_out)
+            return text
+        return text + [self._project(context[:, :n_img], self.k_img, self.v_img, self.norm_k_img)]
 
 
 class WanAttentionBlock(nn.Module):
@@ -139,9 +157,18 @@ class WanAttentionBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
         y, extra = self.self_attention(modulate(self.norm1(x), shift1, scale1), ctx)
         x = gated_residual(x, y, gate1)
-        x = x + self.cross_attn(self.norm3(x), ctx.context, ctx.n_img)
+        x = self.cross_attention(x, ctx)
         x = self.after_cross_attn(x, extra, ctx)
         return self.feed_forward(x, shift2, scale2, gate2)
+
+    def cross_attention(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """``x + cross_attn(norm3(x), context)`` [B, S, dim]: the context is projected once, the queries run over
+        chunks of :data:`CROSS_ATTN_CHUNK_TOKENS` tokens (per-token math, so equal to the whole; at 832x480x81 this
+        keeps the normed input, q, the attention outputs and the projection to one chunk each)."""
+        keys_values = self.cross_attn.keys_values(ctx.context, ctx.n_img)
+        return by_token_chunks(lambda part: part + self.cross_attn(self.norm3(part), ctx.context, ctx.n_img,
+                                                                   keys_values),
+                               x.dtype, x, chunk=CROSS_ATTN_CHUNK_TOKENS)
 
     def feed_forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                      gate: torch.Tensor) -> torch.Tensor:

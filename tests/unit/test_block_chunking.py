@@ -1,6 +1,7 @@
-"""The block's FFN, the q/k rotation and the float32 norms / modulation / gated residuals run over token chunks
-(wanvideo.model.FFN_CHUNK_TOKENS, wanvideo.rope.ROPE_CHUNK_TOKENS, wanvideo.layers.TOKEN_CHUNK) to bound
-activation memory; the results equal the unchunked expressions."""
+"""The block's FFN, its cross-attention queries, the q/k rotation and the float32 norms / modulation / gated
+residuals run over token chunks (wanvideo.model.FFN_CHUNK_TOKENS and CROSS_ATTN_CHUNK_TOKENS,
+wanvideo.rope.ROPE_CHUNK_TOKENS, wanvideo.layers.TOKEN_CHUNK) to bound activation memory; the results equal the
+unchunked expressions."""
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def test_chunked_ffn_equals_one_pass(monkeypatch, mode, dtype):
     with torch.inference_mode():
         whole = block(x, e0, ctx)
         monkeypatch.setattr(wan_model, "FFN_CHUNK_TOKENS", 16)  # 60 tokens -> chunks of 16, 16, 16, 12
+        monkeypatch.setattr(wan_model, "CROSS_ATTN_CHUNK_TOKENS", 13)
         monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 7)
         monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 11)
         chunked = block(x, e0, ctx)
@@ -101,6 +103,7 @@ def test_chunked_block_traces_under_torch_compile(monkeypatch):
     ctx = BlockContext(grid=grid, rope=rope_table_3d(grid, cfg.head_dim, torch.device("cpu")),
                        context=torch.randn(1, 257 + 7, cfg.dim), n_img=257)
     monkeypatch.setattr(wan_model, "FFN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(wan_model, "CROSS_ATTN_CHUNK_TOKENS", 13)
     monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 7)
     monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 11)
     torch._dynamo.reset()
