@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from infinitetalk.fp8_optimization import (QUANT_MODES, CastLinear, MXFP4Linear, NVFP4Linear, QuantMode,
-                                           assign_layer_names, bytes_per_weight, ops_for, select_kernel, self_test)
+                                           assign_layer_names, bytes_per_weight, ops_for)
+from infinitetalk.quant_kernel_choice import select_kernel, self_test
 from infinitetalk.quant_formats import (E4M3, GemmOperands, Kernel, check_operands, e2m1_decode, e2m1_encode,
                                         quantize_nvfp4, relative_error, swizzle_block_scales)
 
