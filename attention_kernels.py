@@ -1,6 +1,7 @@
-"""Thin wrappers over the optional third-party attention kernels used by :mod:`attention` (its helper module).
+"""Thin wrappers over the attention kernels used by :mod:`attention` (its helper module): torch SDPA per back-end
+(with the key mask for padded keys and the per-call ``can_use_*`` check), and the optional third-party packages.
 
-Every ``*_run(q, k, v, k_lens)`` receives q/k/v already contiguous, 16-byte aligned and in a supported dtype, in the
+Every third-party ``*_run(q, k, v, k_lens)`` receives q/k/v already contiguous, 16-byte aligned and in a supported dtype, in the
 layout its kernel is registered with in ``attention._KERNELS`` (NHD = [B, L, H, D] unless noted), and returns the
 kernel's output in that layout. ``k_lens`` is always None here (these kernels are not ``masked``: padded keys are
 sliced off per batch element by the caller). Packages are imported on first use, never at import time.
@@ -13,9 +14,62 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CUDNN_SEQ_FIX = 91500  # cuDNN runtimes above 9.15.0 fixed SDPA for lengths that are not multiples of 128
+
+
+# ------------------------------------------------------------------------------------------------ torch SDPA
+
+def key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask [B, 1, 1, Lk]: True where the key is kept."""
+    keep = torch.arange(lk, device=device)[None, :] < k_lens.to(device)[:, None]
+    return keep[:, None, None, :]
+
+
+def sdpa_run(backend: Optional[SDPBackend]) -> Callable:
+    """SDPA on NHD-contiguous operands viewed as [B, H, L, D] (the strides cuDNN wants); output NHD-strided."""
+    def run(q, k, v, k_lens):
+        mask = None if k_lens is None else key_mask(k_lens, k.shape[1], q.device)
+        with sdpa_kernel([backend]) if backend is not None else nullcontext():
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def sdpa_accepts(backend: SDPBackend) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]:
+    """Per-call check with torch's own ``can_use_*`` for ``backend`` (operands NHD contiguous)."""
+    checker = {SDPBackend.FLASH_ATTENTION: "can_use_flash_attention",
+               SDPBackend.EFFICIENT_ATTENTION: "can_use_efficient_attention",
+               SDPBackend.CUDNN_ATTENTION: "can_use_cudnn_attention"}[backend]
+
+    def accepts(q, k, v):
+        if backend is SDPBackend.CUDNN_ATTENTION and not cudnn_lengths_ok(q.shape[1], k.shape[1]):
+            return False
+        check = getattr(torch.backends.cuda, checker, None)
+        if check is None:
+            return True
+        params = torch.backends.cuda.SDPAParams(*(t.transpose(1, 2) for t in (q, k, v)), None, 0.0, False, False)
+        with sdpa_kernel([backend]):  # inside, as at run time: a back-end off by default is switched on
+            return bool(check(params, False))
+
+    return accepts
+
+
+def cudnn_lengths_ok(lq: int, lk: int) -> bool:
+    """cuDNN SDPA before 9.15.1 fails (memory errors) when a length is not a multiple of 128 (pytorch#169849)."""
+    version = torch.backends.cudnn.version() or 0
+    return version > CUDNN_SEQ_FIX or (lq % 128 == 0 and lk % 128 == 0)
+
+
+# ------------------------------------------------------------------------------------- third-party packages
 
 SAGE1_INSTALL = "pip install sageattention"
 SAGE2_INSTALL = ("build SageAttention 2 from source: git clone https://github.com/thu-ml/SageAttention && "

@@ -1,164 +1,362 @@
 """8-bit attention in Triton for sm_90 (a helper kernel module of :mod:`attention`).
 
-Recipe (SageAttention-2-like): Q·Kᵀ in INT8 with one scale per 64 query rows and per 64 key rows of each head
-(K minus its mean over the sequence first, which leaves softmax unchanged), softmax in base 2 in float32, P·V in
-FP8 e4m3 (P scaled by 448, V with one scale per channel) with float32 accumulation promoted after every key block
-(``max_num_imprecise_acc``). ``attention.resolve`` uses it only after its self-test against float32 math passes
-and only where it beats the next exact kernel.
+Recipe (SageAttention-2-like: INT8 Q·Kᵀ, FP8 P·V):
 
-P·V is computed transposed, as Oᵀ += Vᵀ·Pᵀ, so the FP8 P tile is the shared-memory operand of the GEMM. With P
-as the register operand (O += P·V), Triton 3.6 on an H200 returned non-finite outputs for every tile configuration
-tried, while the same kernel was exact under the interpreter (benchmarks/RESULTS.md, attention section).
+- Q: INT8 with one scale per row. K: minus its mean over the sequence (every score of a query row moves by the same
+  amount, so softmax is unchanged), INT8 with one scale per head. The K scale, 1/√D and log2 e are folded into
+  Q's per-row factor. V: e4m3 with one scale per channel, stored transposed (Vᵀ, keys contiguous).
+- Kernel: online softmax in base 2 in float32. The int32 scores are read as float32 by adding the bits of 1.5·2²³
+  (exact for |score| < 2²²; the offset cancels against the row max), so no int-to-float instruction runs.
+  P = 448·2^(s − m) rounded to e4m3 is the register operand of the e4m3 P·V GEMM, whose fresh float32 result is
+  added to the rescaled accumulator (two-level accumulation); l sums the float32 P.
+- Sequences are padded to 128 with zero rows and the loop runs over whole key blocks: a padded key scores exactly
+  the offset, so its share of l is known and removed at the end (no masked tail block).
+- Two forms of the one kernel (:class:`Form`). Warp-specialized (``tl.range(warp_specialize=True)``: a TMA
+  producer warp group and two consumer warp groups of 64 query rows each, 128x128 tiles), used where this Triton
+  compiles it for the GPU (sm_90) and it agrees with the plain form on a probe (:func:`form_for`). Else the plain
+  form (64x128 tiles, 4 warps, two programs per SM), whose P columns are permuted so that the GEMM takes P from
+  the score registers without shuffles (Vᵀ is stored in the matching key order); the warp-specialization pass
+  rejects that permutation, so its consumers convert P's layout with shuffles.
+- Quantization: one pass over K and V for statistics (K channel sum / max / min, V channel max |v|), one tiny
+  kernel reducing them per head, then one pass each writing Q, K and Vᵀ.
 
     fp8_attention(q, k, v) -> out
-    q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16, NHD, contiguous, D in {64, 128}; out [B, Lq, H, D] in q's dtype.
+    q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16, NHD with a contiguous last dim, D in {64, 128};
+    out [B, Lq, H, D] contiguous in q's dtype.
 
-Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (numerics checks without a GPU).
+``attention.resolve`` uses it only after its self-test against float32 math passes and only where it beats the
+next exact kernel. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (numerics checks without a
+GPU); there e4m3 rounding is done in float32 bits first, because the interpreter's own cast rounds wrongly.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
-SCALE_ROWS = 64  # rows of one Q or K scale block (per head)
-PAD = 128  # sequence padding of the quantized buffers (a multiple of every BLOCK_M / BLOCK_N below)
+PAD = 128  # sequence padding of the quantized buffers (a multiple of every block size)
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0
+STATS_ROWS, STATS_STEPS = 64, 16  # the statistics pass: rows per step, steps per program
+QUANT_ROWS = 64  # rows per program of the Q and K quantization passes
+FP8_MAX = tl.constexpr(448.0)
+INT8_MAX = tl.constexpr(127.0)
+LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))  # P = 448 · 2^(s − m): the full e4m3 range
+MAGIC_I = tl.constexpr(0x4B400000)  # bits of 1.5·2²³: int32 s + MAGIC_I read as float32 is 1.5·2²³ + s
+MAGIC_F = tl.constexpr(12582912.0)
+M_START = tl.constexpr(8388608.0)  # 2²³, below every offset score and finite (a zero row factor gives no NaN)
+
+
+@dataclass(frozen=True)
+class Form:
+    """Tiling of the attention kernel: warp-specialized (``ws``) or plain."""
+
+    ws: bool
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# 2 stages: on an H100 the 3-stage build's outputs differed from the same arithmetic without warp specialization
+# (a race, presumably); the 2-stage build's matched them
+WS_FORM = Form(ws=True, block_m=128, block_n=128, warps=4, stages=2)
+PLAIN_FORM = Form(ws=False, block_m=64, block_n=128, warps=4, stages=3)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Quantized operands (LQP, LKP: Lq, Lk padded to a multiple of 128; padded rows are zero): ``q`` INT8
+    [B·H, LQP, D]; ``q_factor`` float32 [B·H, LQP] = row scale · ``k_scale`` · log2 e / √D; ``k`` INT8
+    [B·H, LKP, D] of K minus its mean; ``k_scale`` float32 [B·H]; ``vt`` e4m3 [B·H, D, LKP] (Vᵀ over ``v_scale``,
+    keys permuted as :func:`_perm_p` for the plain form); ``v_scale`` float32 [B·H, D]."""
+
+    q: torch.Tensor
+    q_factor: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    vt: torch.Tensor
+    v_scale: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _to_fp8(x, INTERP: tl.constexpr):
+    """x (|x| <= 448) -> e4m3, round to nearest even. INTERP: rounded in float32 bits first (subnormals: to
+    multiples of 2⁻⁹ by adding 1.5·2¹⁴)."""
+    if INTERP:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 0.015625, (x + 24576.0) - 24576.0, normal)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
-def _quant_int8(X, Out, Scale, Mean, L, LP, H, stride_b, stride_l, stride_h, multiplier,
-                D: tl.constexpr, ROWS: tl.constexpr, SMOOTH: tl.constexpr):
-    """One program: ROWS rows of one (b, h) of X [B, L, H, D] -> int8 Out [B, H, LP, D], Scale [B, H, LP/ROWS]."""
+def _to_int8(y):
+    """y (|y| <= 127) -> INT8, round half away from zero."""
+    return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _perm_p(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Columns of x [ROWS, COLS] reordered: in every 32, column 16h + 4q + 2a + b takes column 16h + 8a + 2q + b.
+    For P this makes the wgmma accumulator layout of the scores, register for register, the 8-bit A-operand
+    layout of the P·V GEMM (no shuffles); Vᵀ is stored in the same key order."""
+    return tl.reshape(tl.permute(tl.reshape(x, [ROWS, COLS // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5]), [ROWS, COLS])
+
+
+@triton.jit
+def _load_f32(ptrs, INTERP: tl.constexpr):
+    """float32 values at ``ptrs``: tl.load in the interpreter, inline PTX on a GPU. The warp-specialization pass
+    moves a tl.load to the producer warp group and fails on a row vector; the inline load stays with each consumer
+    warp group, on its own rows."""
+    if INTERP:
+        x = tl.load(ptrs)
+    else:
+        x = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+@triton.jit
+def _kv_stats(K, V, Part, Lk, H, skb, skl, skh, svb, svl, svh, D: tl.constexpr, ROWS: tl.constexpr,
+              STEPS: tl.constexpr):
+    """Program (blk, b·h): ROWS·STEPS rows of K and V [B, Lk, H, D] -> Part [B·H, NB, 4, D] (K channel sum, max,
+    min; V channel max |v|)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H
+    cols = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    k_max = tl.full([D], float("-inf"), tl.float32)
+    k_min = tl.full([D], float("inf"), tl.float32)
+    v_max = tl.zeros([D], tl.float32)
+    for step in range(STEPS):
+        rows = (blk * STEPS + step) * ROWS + tl.arange(0, ROWS)
+        valid = rows[:, None] < Lk
+        k = tl.load(K + b * skb + h * skh + rows[:, None] * skl + cols[None, :], mask=valid, other=0.0)
+        v = tl.load(V + b * svb + h * svh + rows[:, None] * svl + cols[None, :], mask=valid, other=0.0)
+        k = k.to(tl.float32)
+        k_sum += tl.sum(k, 0)
+        k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, float("-inf")), 0))
+        k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, float("inf")), 0))
+        v_max = tl.maximum(v_max, tl.max(tl.abs(v.to(tl.float32)), 0))
+    out = Part + (bh.to(tl.int64) * tl.num_programs(0) + blk) * 4 * D + cols
+    tl.store(out, k_sum)
+    tl.store(out + D, k_max)
+    tl.store(out + 2 * D, k_min)
+    tl.store(out + 3 * D, v_max)
+
+
+@triton.jit
+def _kv_reduce(Part, KMean, KScale, VScale, Lk, NB, D: tl.constexpr):
+    """Program b·h: Part [B·H, NB, 4, D] -> KMean [B·H, D], KScale [B·H] (max |k − mean| / 127) and VScale
+    [B·H, D] (max |v| / 448)."""
+    bh = tl.program_id(0)
+    cols = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    k_max = tl.full([D], float("-inf"), tl.float32)
+    k_min = tl.full([D], float("inf"), tl.float32)
+    v_max = tl.zeros([D], tl.float32)
+    for i in range(NB):
+        part = Part + (bh * NB + i) * 4 * D + cols
+        k_sum += tl.load(part)
+        k_max = tl.maximum(k_max, tl.load(part + D))
+        k_min = tl.minimum(k_min, tl.load(part + 2 * D))
+        v_max = tl.maximum(v_max, tl.load(part + 3 * D))
+    mean = k_sum / Lk
+    tl.store(KMean + bh * D + cols, mean)
+    k_range = tl.max(tl.maximum(k_max - mean, mean - k_min), 0)
+    tl.store(KScale + bh, tl.maximum(k_range, 1e-30) / INT8_MAX)
+    tl.store(VScale + bh * D + cols, tl.maximum(v_max, 1e-30) / FP8_MAX)
+
+
+@triton.jit
+def _quant_q(X, Out, Factor, KScale, L, LP, H, sb, sl, sh, mult, D: tl.constexpr, ROWS: tl.constexpr):
+    """Program (blk, b·h): ROWS rows of Q [B, L, H, D] -> INT8 Out [B·H, LP, D] (one scale per row) and Factor
+    [B·H, LP] = row scale · KScale[b·h] · mult."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = blk * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, D)
+    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=rows[:, None] < L, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
+    tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :],
+             _to_int8(x * ((1.0 / amax) * INT8_MAX)[:, None]))
+    tl.store(Factor + bh.to(tl.int64) * LP + rows, amax / INT8_MAX * tl.load(KScale + bh) * mult)
+
+
+@triton.jit
+def _quant_k(X, Out, KMean, KScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr):
+    """Program (blk, b·h): ROWS rows of K [B, L, H, D] minus KMean[b·h], over KScale[b·h] -> INT8 Out
+    [B·H, LP, D] (rows >= L zero)."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
     valid = rows[:, None] < L
-    x = tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + cols[None, :], mask=valid,
-                other=0.0).to(tl.float32)
-    if SMOOTH:
-        x = tl.where(valid, x - tl.load(Mean + bh * D + cols)[None, :], 0.0)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30) / 127.0
-    y = x / scale
-    q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
-    tl.store(Out + bh * LP * D + rows[:, None] * D + cols[None, :], q)
-    tl.store(Scale + bh * (LP // ROWS) + blk, scale * multiplier)
+    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=valid, other=0.0)
+    y = (x.to(tl.float32) - tl.load(KMean + bh * D + cols)[None, :]) * (1.0 / tl.load(KScale + bh))
+    y = tl.where(valid, tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX), 0.0)
+    tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :], _to_int8(y))
 
 
 @triton.jit
-def _quant_v_fp8(V, Out, VScale, L, LP, H, stride_b, stride_l, stride_h, D: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS rows of one (b, h) of V [B, L, H, D] divided by VScale [B, H, D] -> e4m3 Out [B, H, D, LP] (Vᵀ)."""
+def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr, PERM: tl.constexpr,
+             INTERP: tl.constexpr):
+    """Program (blk, b·h): ROWS rows of V [B, L, H, D] over VScale[b·h] (per channel) -> e4m3 Vᵀ Out [B·H, D, LP]
+    (keys >= L zero; with PERM in the key order of :func:`_perm_p`)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
-    x = tl.load(V + b * stride_b + h * stride_h + rows[:, None] * stride_l + cols[None, :],
-                mask=rows[:, None] < L, other=0.0).to(tl.float32)
-    y = x / tl.load(VScale + bh * D + cols)[None, :]
-    tl.store(Out + bh * D * LP + cols[None, :] * LP + rows[:, None], y.to(tl.float8e4nv))
+    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=rows[:, None] < L, other=0.0)
+    y = x.to(tl.float32) / tl.load(VScale + bh * D + cols)[None, :]
+    y = _to_fp8(tl.trans(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)), INTERP)
+    if PERM:
+        y = _perm_p(y, D, ROWS)
+    tl.store(Out + (bh.to(tl.int64) * D + cols[:, None]) * LP + rows[None, :], y)
 
 
+# ------------------------------------------------------------------------------------------------ attention
 @triton.jit
-def _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, lo, hi, Lk, LKP,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr):
-    """Online softmax over key blocks [lo, hi) of head ``bh``, accumulating Oᵀ [D, BLOCK_M]; keys >= Lk masked
-    when MASK."""
-    cols = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + bh * LKP * D + keys[:, None] * D + cols[None, :])
-        k_scale = tl.load(KS + bh * (LKP // ROWS) + keys // ROWS)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-        if MASK:
-            s = tl.where(keys[None, :] < Lk, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p8 = (tl.math.exp2(s - m_new[:, None]) * 448.0).to(tl.float8e4nv)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p8.to(tl.float32), 1)
-        vt = tl.load(Vt + bh * D * LKP + cols[:, None] * LKP + keys[None, :])
-        acc_t = tl.dot(vt, tl.trans(p8), acc_t * alpha[None, :], max_num_imprecise_acc=BLOCK_N)
+def _attn_fwd(Q, QF, K, Vt, VScale, Out, Lq, Lk, LQP, LKP, H, sob, sol, soh, D: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, WS: tl.constexpr, INTERP: tl.constexpr):
+    """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: q, QF: q_factor, K: k, Vt: vt,
+    VScale: v_scale); writes Out [B, Lq, H, D] (strides sob, sol, soh). The TMA descriptors are made here, not on
+    the host: the warp-specialization pass splits the Q block between its consumer warp groups."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    nbh = tl.num_programs(1)
+    q_desc = tl.make_tensor_descriptor(Q, [nbh * LQP, D], [D, 1], [BM, D])
+    k_desc = tl.make_tensor_descriptor(K, [nbh * LKP, D], [D, 1], [BN, D])
+    v_desc = tl.make_tensor_descriptor(Vt, [nbh * D, LKP], [LKP, 1], [D, BN])
+    q = q_desc.load([bh * LQP + pid_m * BM, 0])
+    qs = _load_f32(QF + bh * LQP + pid_m * BM + tl.arange(0, BM), INTERP)
+    m_i = tl.full([BM], M_START, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for start in tl.range(0, LKP, BN, warp_specialize=WS):
+        k = k_desc.load([bh * LKP + start, 0])
+        f = (tl.dot(q, tl.trans(k)) + MAGIC_I).to(tl.float32, bitcast=True)  # = 1.5·2²³ + score, exact
+        m_new = tl.maximum(m_i, tl.max(f, 1))
+        alpha = tl.math.exp2((m_i - m_new) * qs)
+        p = tl.math.exp2(f * qs[:, None] - (m_new * qs - LOG2_FP8_MAX)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p8 = _to_fp8(p, INTERP)
+        if not WS:
+            p8 = _perm_p(p8, BM, BN)
+        acc = acc * alpha[:, None] + tl.dot(p8, v_desc.load([bh * D, start]).T)
         m_i = m_new
-    return acc_t, l_i, m_i
-
-
-@triton.jit
-def _attn_fwd(Q, QS, K, KS, Vt, VS, Out, Lq, Lk, LQP, LKP, H, stride_ob, stride_ol, stride_oh, LEN_KEY,
-              D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (b, h); writes Out [B, Lq, H, D] (NHD strides)."""
-    start, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = start * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the padded keys (zero rows of K and V) scored 1.5·2²³ under the final m: remove their share of l
+    l_i = l_i - (LKP - Lk) * tl.math.exp2(tl.minimum((m_i - MAGIC_F) * -qs, 0.0) + LOG2_FP8_MAX)
     cols = tl.arange(0, D)
-    q = tl.load(Q + bh * LQP * D + rows[:, None] * D + cols[None, :])
-    q_scale = tl.load(QS + bh * (LQP // ROWS) + rows // ROWS)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([D, BLOCK_M], tl.float32)
-    full = (Lk // BLOCK_N) * BLOCK_N
-    acc_t, l_i, m_i = _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, 0, full, Lk, LKP, D, BLOCK_N,
-                                   ROWS, False)
-    if full < Lk:
-        acc_t, l_i, m_i = _attn_blocks(acc_t, l_i, m_i, q, q_scale, K, Vt, KS, bh, full, full + BLOCK_N, Lk,
-                                       LKP, D, BLOCK_N, ROWS, True)
-    v_scale = tl.load(VS + bh * D + cols)
-    out = tl.trans(acc_t) * v_scale[None, :] / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + cols[None, :],
-             out.to(Out.dtype.element_ty), mask=rows[:, None] < Lq)
+    out = acc * (tl.load(VScale + bh * D + cols)[None, :] / l_i[:, None])
+    rows = pid_m * BM + tl.arange(0, BM)
+    b, h = (bh // H).to(tl.int64), bh % H
+    tl.store(Out + b * sob + h * soh + rows[:, None] * sol + cols[None, :], out.to(Out.dtype.element_ty),
+             mask=rows[:, None] < Lq)
 
 
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3))]
-_attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["D", "LEN_KEY"])(_attn_fwd)
-_INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64}
-
-
+# ------------------------------------------------------------------------------------------------ host side
 def _interpreting() -> bool:
     return bool(getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret)
 
 
-def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """INT8 Q and K [B, H, LP, D] with per-64-row scales (Q's carries softmax scale · log2 e), e4m3 Vᵀ
-    [B, H, D, LKP] and its per-channel scales [B, H, D]."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    lqp, lkp = triton.cdiv(lq, PAD) * PAD, triton.cdiv(lk, PAD) * PAD
-    dev = q.device
-    qi = torch.empty(b, h, lqp, d, dtype=torch.int8, device=dev)
-    ki = torch.empty(b, h, lkp, d, dtype=torch.int8, device=dev)
-    qs = torch.empty(b, h, lqp // SCALE_ROWS, dtype=torch.float32, device=dev)
-    ks = torch.empty(b, h, lkp // SCALE_ROWS, dtype=torch.float32, device=dev)
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()
-    v_scale = (torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32) / FP8_MAX).clamp_min(1e-30)
-    v_scale = v_scale.contiguous()
-    vt = torch.empty(b, h, d, lkp, dtype=torch.float8_e4m3fn, device=dev)
-    sm = LOG2E / math.sqrt(d)
-    _quant_int8[(lqp // SCALE_ROWS, b * h)](q, qi, qs, qs, lq, lqp, h, q.stride(0), q.stride(1), q.stride(2), sm,
-                                            D=d, ROWS=SCALE_ROWS, SMOOTH=False)
-    _quant_int8[(lkp // SCALE_ROWS, b * h)](k, ki, ks, k_mean, lk, lkp, h, k.stride(0), k.stride(1), k.stride(2),
-                                            1.0, D=d, ROWS=SCALE_ROWS, SMOOTH=True)
-    _quant_v_fp8[(lkp // SCALE_ROWS, b * h)](v, vt, v_scale, lk, lkp, h, v.stride(0), v.stride(1), v.stride(2),
-                                             D=d, ROWS=SCALE_ROWS)
-    return qi, qs, ki, ks, vt, v_scale
+def _padded(n: int) -> int:
+    return triton.cdiv(n, PAD) * PAD
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v with 8-bit operands. q [B, Lq, H, D], k/v [B, Lk, H, D] fp16/bf16 NHD
-    contiguous, D in {64, 128}; returns [B, Lq, H, D] contiguous in q's dtype."""
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: bool) -> Quantized:
+    """The quantized operands (:class:`Quantized`) of q [B, Lq, H, D], k/v [B, Lk, H, D] (last dim contiguous);
+    ``perm``: Vᵀ in the key order of the plain form."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
+    lqp, lkp, bh, dev = _padded(lq), _padded(lk), b * h, q.device
+    nb = triton.cdiv(lk, STATS_ROWS * STATS_STEPS)
+    part = torch.empty(bh, nb, 4, d, dtype=torch.float32, device=dev)
+    _kv_stats[(nb, bh)](k, v, part, lk, h, *k.stride()[:3], *v.stride()[:3], D=d, ROWS=STATS_ROWS,
+                        STEPS=STATS_STEPS, num_warps=4)
+    k_mean, v_scale = (torch.empty(bh, d, dtype=torch.float32, device=dev) for _ in range(2))
+    k_scale = torch.empty(bh, dtype=torch.float32, device=dev)
+    _kv_reduce[(bh,)](part, k_mean, k_scale, v_scale, lk, nb, D=d, num_warps=1)
+    qi = torch.empty(bh, lqp, d, dtype=torch.int8, device=dev)
+    factor = torch.empty(bh, lqp, dtype=torch.float32, device=dev)
+    _quant_q[(lqp // QUANT_ROWS, bh)](q, qi, factor, k_scale, lq, lqp, h, *q.stride()[:3], LOG2E / math.sqrt(d),
+                                      D=d, ROWS=QUANT_ROWS, num_warps=4)
+    ki = torch.empty(bh, lkp, d, dtype=torch.int8, device=dev)
+    _quant_k[(lkp // QUANT_ROWS, bh)](k, ki, k_mean, k_scale, lk, lkp, h, *k.stride()[:3], D=d, ROWS=QUANT_ROWS,
+                                      num_warps=4)
+    vt = torch.empty(bh, d, lkp, dtype=torch.float8_e4m3fn, device=dev)
+    _quant_v[(lkp // PAD, bh)](v, vt, v_scale, lk, lkp, h, *v.stride()[:3], D=d, ROWS=PAD, PERM=perm,
+                               INTERP=_interpreting(), num_warps=8)
+    return Quantized(qi, factor, ki, k_scale, vt, v_scale)
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global memory Triton asks for at launch (the kernel's TMA descriptors), on the current CUDA device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def attend(t: Quantized, lk: int, out: torch.Tensor, form: Form) -> torch.Tensor:
+    """Attention over the quantized operands ``t`` (``lk`` real keys) in ``form``, written into ``out``
+    [B, Lq, H, D] (last dim contiguous); returns out."""
+    bh, lqp, d = t.q.shape
+
+    def launch():
+        triton.set_allocator(_scratch)  # runs in a copy of the caller's context: its allocator stays as it was
+        _attn_fwd[(lqp // form.block_m, bh)](
+            t.q, t.q_factor, t.k, t.vt, t.v_scale, out, out.shape[1], lk, lqp, t.k.shape[1], out.shape[2],
+            *out.stride()[:3], D=d, BM=form.block_m, BN=form.block_n, WS=form.ws, INTERP=_interpreting(),
+            num_warps=form.warps, num_stages=form.stages)
+
+    contextvars.copy_context().run(launch)
+    return out
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: Optional[Form] = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v with 8-bit operands. q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16 on one device,
+    NHD with a contiguous last dim, D in {64, 128}. Returns [B, Lq, H, D] contiguous in q's dtype. ``form``: the
+    kernel form (default: :func:`form_for` q's device and D)."""
+    b, lq, h, d = q.shape
     if d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"fp8_attention takes fp16/bf16 with head dim 64 or 128, got {q.dtype} and {d}")
-    qi, qs, ki, ks, vt, v_scale = _quantize(q, k, v)
-    out = torch.empty_like(q)
-    args = (qi, qs, ki, ks, vt, v_scale, out, lq, lk, qi.shape[2], ki.shape[2], h, out.stride(0), out.stride(1),
-            out.stride(2), min(triton.next_power_of_2(lk), 16384))
-    if _interpreting():
-        grid = (qi.shape[2] // _INTERPRETER_CONFIG["BLOCK_M"], b * h)
-        _attn_fwd[grid](*args, D=d, ROWS=SCALE_ROWS, **_INTERPRETER_CONFIG)
-    else:
-        _attn_fwd_tuned[lambda meta: (qi.shape[2] // meta["BLOCK_M"], b * h)](*args, D=d, ROWS=SCALE_ROWS)
-    return out
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d) or k.shape[1] < 1:
+        raise ValueError(f"fp8_attention needs k and v [B, Lk >= 1, H, D] matching q {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if {t.dtype for t in (q, k, v)} != {q.dtype} or {t.device for t in (q, k, v)} != {q.device}:
+        raise ValueError("fp8_attention needs q, k, v of one dtype on one device")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("fp8_attention needs q, k, v with a contiguous last dim; call .contiguous() first")
+    form = form or form_for(q.device, d)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    try:
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton: the current device
+            return attend(quantize(q, k, v, perm=not form.ws), k.shape[1], out, form)
+    except TritonError as err:  # a compile or resource failure: the caller's fallback handles RuntimeError
+        raise RuntimeError(f"the Triton 8-bit attention kernel cannot run here ({type(err).__name__}: {err})") from err
+
+
+@functools.cache
+def form_for(device: torch.device, head_dim: int) -> Form:
+    """WS_FORM on an sm_90 GPU where this Triton compiles it and it agrees with PLAIN_FORM on a probe (relative
+    difference below 1e-3: the two do the same arithmetic, in another order), else PLAIN_FORM."""
+    if device.type != "cuda" or _interpreting() or torch.cuda.get_device_capability(device) != (9, 0):
+        return PLAIN_FORM
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, head_dim, generator=gen, device=device).bfloat16() for n in (300, 777, 777))
+    plain = fp8_attention(q, k, v, PLAIN_FORM).float()
+    try:
+        ws = fp8_attention(q, k, v, WS_FORM).float()
+    except (RuntimeError, ValueError):
+        return PLAIN_FORM
+    if bool(torch.isfinite(ws).all()) and float((ws - plain).norm() / plain.norm()) < 1e-3:
+        return WS_FORM
+    return PLAIN_FORM
