@@ -180,3 +180,38 @@ def test_triton_8bit_kernel_forms(lq, lk, d):
         assert relative_error(out, ref) < 0.05, (form, relative_error(out, ref))
     assert relative_error(outs[T.WS_FORM], outs[T.PLAIN_FORM]) < 1e-3
     assert relative_error(strided, outs[T.WS_FORM]) < 1e-5
+
+
+@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
+def test_triton_8bit_kernel_inside_the_infinitetalk_model():
+    """The 8-bit kernel as ``sageattn`` runs it inside a (small, random) InfiniteTalk transformer: self-attention,
+    text + CLIP cross-attention and the per-frame audio attention all go through it; the output stays within 5 %
+    of the same model on SDPA."""
+    if capability() != (9, 0):
+        pytest.skip("the Triton 8-bit kernel targets sm_90")
+    from infinitetalk.attention import AttentionMode, build_backend
+    from infinitetalk.fp8_optimization import ops_for
+    from infinitetalk.multitalk.model import InfiniteTalkModel
+    from infinitetalk.wanvideo.config import AudioConfig, WanConfig
+
+    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=64,
+                    text_len=16, clip_dim=64, audio=AudioConfig(intermediate_dim=16, output_dim=64, context_tokens=4))
+    eight_bit = build_backend(AttentionMode.SAGEATTN, (A._KERNELS["triton_fp8"], A._KERNELS["sdpa"]))
+    torch.manual_seed(0)
+    exact = InfiniteTalkModel(cfg, ops_for("disabled"), resolve("sdpa", CUDA, torch.bfloat16)).to(CUDA).bfloat16()
+    fast = InfiniteTalkModel(cfg, ops_for("disabled"), eight_bit).to(CUDA).bfloat16()
+    fast.load_state_dict(exact.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    args = {"x": torch.randn(1, 16, 3, 32, 32, generator=gen), "t": torch.tensor([700.0]),
+            "context": torch.randn(1, 9, cfg.text_dim, generator=gen),
+            "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=gen),
+            "y": torch.randn(1, cfg.in_dim - 16, 3, 32, 32, generator=gen),
+            "audio": torch.randn(1, 1, 9, 5, 12, 768, generator=gen)}
+    args = {k: v.to(CUDA) for k, v in args.items()}
+    with torch.inference_mode():
+        ref, out = exact(**args), fast(**args)
+    assert eight_bit.kernel_for(*(torch.empty(1, 768, 2, 128, device=CUDA, dtype=torch.bfloat16),) * 3) == \
+        "triton_fp8"
+    assert bool(torch.isfinite(out).all())
+    err = relative_error(out, ref)
+    assert 0 < err < 0.05, err
