@@ -192,22 +192,15 @@ def test_triton_8bit_kernel_inside_the_infinitetalk_model():
     from infinitetalk.attention import AttentionMode, build_backend
     from infinitetalk.fp8_optimization import ops_for
     from infinitetalk.multitalk.model import InfiniteTalkModel
-    from infinitetalk.wanvideo.config import AudioConfig, WanConfig
+    from tiny_infinitetalk import tiny_config, tiny_inputs
 
-    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=64,
-                    text_len=16, clip_dim=64, audio=AudioConfig(intermediate_dim=16, output_dim=64, context_tokens=4))
+    cfg = tiny_config(2)
     eight_bit = build_backend(AttentionMode.SAGEATTN, (A._KERNELS["triton_fp8"], A._KERNELS["sdpa"]))
     torch.manual_seed(0)
     exact = InfiniteTalkModel(cfg, ops_for("disabled"), resolve("sdpa", CUDA, torch.bfloat16)).to(CUDA).bfloat16()
     fast = InfiniteTalkModel(cfg, ops_for("disabled"), eight_bit).to(CUDA).bfloat16()
     fast.load_state_dict(exact.state_dict())
-    gen = torch.Generator().manual_seed(1)
-    args = {"x": torch.randn(1, 16, 3, 32, 32, generator=gen), "t": torch.tensor([700.0]),
-            "context": torch.randn(1, 9, cfg.text_dim, generator=gen),
-            "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=gen),
-            "y": torch.randn(1, cfg.in_dim - 16, 3, 32, 32, generator=gen),
-            "audio": torch.randn(1, 1, 9, 5, 12, 768, generator=gen)}
-    args = {k: v.to(CUDA) for k, v in args.items()}
+    args = tiny_inputs(cfg, latent_hw=(32, 32))
     with torch.inference_mode():
         ref, out = exact(**args), fast(**args)
     assert eight_bit.kernel_for(*(torch.empty(1, 768, 2, 128, device=CUDA, dtype=torch.bfloat16),) * 3) == \

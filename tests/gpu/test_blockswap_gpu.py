@@ -10,38 +10,24 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from infinitetalk.attention import resolve
 from infinitetalk.blockswap import ALIGN, BlockSwapper, SwapPlan, block_nbytes, plan_block_swap
 from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.multitalk.model import InfiniteTalkModel
 from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model, open_state_dict
-from infinitetalk.wanvideo.config import AudioConfig, WanConfig
+from tiny_infinitetalk import TEXT_LEN, tiny_config, tiny_inputs, write_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 LAYERS = 8
-TEXT_LEN = 16
 MODES = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=LAYERS, in_dim=36, out_dim=16, text_dim=64,
-                    text_len=TEXT_LEN, clip_dim=64,
-                    audio=AudioConfig(intermediate_dim=16, output_dim=64, context_tokens=4))
-    torch.manual_seed(0)
-    model = InfiniteTalkModel(cfg, ops_for("disabled"), resolve("sdpa", "cpu", torch.float32))
-    path = tmp_path_factory.mktemp("swap_gpu") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    gen = torch.Generator().manual_seed(1)
-    inputs = {"x": torch.randn(1, 16, 3, 8, 12, generator=gen), "t": torch.tensor([700.0]),
-              "context": torch.randn(1, 6, cfg.text_dim, generator=gen),
-              "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=gen),
-              "y": torch.randn(1, cfg.in_dim - 16, 3, 8, 12, generator=gen),
-              "audio": torch.randn(1, 1, 9, 5, 12, 768, generator=gen)}
-    return path, {k: v.to(CUDA) for k, v in inputs.items()}
+    cfg = tiny_config(LAYERS)
+    return write_weights(cfg, tmp_path_factory.mktemp("swap_gpu") / "tiny.safetensors"), tiny_inputs(cfg)
 
 
 @pytest.fixture(scope="module")
