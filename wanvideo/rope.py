@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .layers import high_precision_dtype
+from .layers import by_token_chunks, high_precision_dtype
 
 ROPE_THETA = 10000.0
 ROPE_CHUNK_TOKENS = 4096  # apply_rope(..., dtype=...) rotates this many tokens at a time in float32
@@ -69,11 +69,13 @@ def apply_rope(x: torch.Tensor, table: RopeTable, dtype: Optional[torch.dtype] =
     """
     if dtype is None:
         return _rotate(x, table.cos, table.sin)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for start in range(0, x.shape[1], ROPE_CHUNK_TOKENS):
-        rows = slice(start, start + ROPE_CHUNK_TOKENS)
-        out[:, rows] = _rotate(x[:, rows], table.cos[..., rows, :], table.sin[..., rows, :])
-    return out
+    heads = x.shape[-2:]
+
+    def rotate_flat(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return _rotate(rows.unflatten(-1, heads), cos, sin).flatten(-2)
+
+    return by_token_chunks(rotate_flat, dtype, x.flatten(-2), table.cos, table.sin,
+                           chunk=ROPE_CHUNK_TOKENS).unflatten(-1, heads)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
