@@ -13,10 +13,7 @@ import torch
 
 from infinitetalk.attention import resolve
 from infinitetalk.blockswap import ALIGN, BlockSwapper, SwapPlan, block_nbytes, plan_block_swap
-from infinitetalk.fp8_optimization import ops_for
-from infinitetalk.multitalk.model import InfiniteTalkModel
-from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model, open_state_dict
-from tiny_infinitetalk import TEXT_LEN, tiny_config, tiny_inputs, write_weights
+from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -36,17 +33,9 @@ def models(weights):
     path, inputs = weights
     out = {}
     for mode in MODES:
-        options = LoadOptions(dtype=torch.bfloat16, device="cuda", text_len=TEXT_LEN, ops=ops_for(mode),
-                              attention=resolve("sdpa", CUDA, torch.bfloat16))
-        model = load_model(InfiniteTalkModel, open_state_dict([path], "cuda"), options)
-        out[mode] = (model, _forward(model, inputs))
+        model = load_on_cuda(path, mode, resolve("sdpa", CUDA, torch.bfloat16))
+        out[mode] = (model, forward(model, inputs))
     return out
-
-
-def _forward(model, inputs):
-    with torch.inference_mode():
-        return model(inputs["x"], inputs["t"], inputs["context"], clip_fea=inputs["clip_fea"], y=inputs["y"],
-                     audio=inputs["audio"])
 
 
 def page_locked(t: torch.Tensor) -> bool:
@@ -58,21 +47,15 @@ def page_locked(t: torch.Tensor) -> bool:
     return err == 0 and memory_type.value == 1  # CU_MEMORYTYPE_HOST
 
 
-def _enhanced(blocks, count, streams, **extra):
-    args = {"blocks_to_swap": count, "auto_hardware_tuning": False, "num_cuda_streams": streams,
-            "bandwidth_target": 0.5, **extra}
-    return plan_block_swap(args, [block_nbytes(b) for b in blocks], 1 << 40, 0)
-
-
 @pytest.mark.parametrize("streams", [1, 4, 16], ids=lambda s: f"streams{s}")
 @pytest.mark.parametrize("count", [0, LAYERS // 2, LAYERS], ids=lambda c: f"swap{c}")
 @pytest.mark.parametrize("mode", MODES)
 def test_swapped_forward_is_bit_identical_to_resident(weights, models, mode, count, streams):
     model, ref = models[mode]
-    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, count, streams), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, count, streams), CUDA)
     try:
         for _ in range(3):
-            assert torch.equal(_forward(model, weights[1]), ref)
+            assert torch.equal(forward(model, weights[1]), ref)
         assert swapper.stats.passes == (3 if count else 0)
     finally:
         swapper.detach()
@@ -85,7 +68,7 @@ def test_plain_node_args_copy_on_the_compute_stream(weights, models):
     assert not plan.overlap and plan.ring_slots == 1
     swapper = BlockSwapper.attach(model.blocks, plan, CUDA)
     try:
-        assert torch.equal(_forward(model, weights[1]), ref)
+        assert torch.equal(forward(model, weights[1]), ref)
     finally:
         swapper.detach()
 
@@ -99,10 +82,10 @@ def test_weights_are_aligned_slot_views_and_lora_hooks_stay_correct(weights, mod
         down = torch.randn(4, layer.in_features, generator=gen, device=CUDA, dtype=torch.bfloat16) * 0.1
         up = torch.randn(layer.out_features, 4, generator=gen, device=CUDA, dtype=torch.bfloat16) * 0.1
         handles.append(layer.register_forward_hook(lambda m, a, out, d=down, u=up: out + a[0] @ d.t() @ u.t()))
-    resident = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, 0, 1), CUDA)  # earlier tests detached
-    ref = _forward(model, weights[1])
+    resident = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, 0, 1), CUDA)  # earlier tests detached
+    ref = forward(model, weights[1])
     resident.detach()
-    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, 6, 4, debug_mode=True), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, 6, 4, debug_mode=True), CUDA)
     seen = []
 
     def check(module, args):
@@ -117,7 +100,7 @@ def test_weights_are_aligned_slot_views_and_lora_hooks_stay_correct(weights, mod
         assert all(page_locked(swapper.host_range(b)) for b in range(2, LAYERS))
         with caplog.at_level(logging.INFO, logger="infinitetalk.blockswap"):
             for _ in range(2):
-                assert torch.equal(_forward(model, weights[1]), ref)
+                assert torch.equal(forward(model, weights[1]), ref)
             swapper.release()
         assert seen == [True] * 12
         assert any("GB/s" in r.getMessage() for r in caplog.records)
@@ -129,20 +112,20 @@ def test_weights_are_aligned_slot_views_and_lora_hooks_stay_correct(weights, mod
 
 def test_hundred_forwards_do_not_grow_vram(weights, models):
     model, ref = models["fp8_e4m3fn_scaled"]
-    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, LAYERS, 4), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, LAYERS, 4), CUDA)
     try:
-        out = _forward(model, weights[1])
+        out = forward(model, weights[1])
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(100):
-            out = _forward(model, weights[1])
+            out = forward(model, weights[1])
         torch.cuda.synchronize()
         assert torch.equal(out, ref)
         assert torch.cuda.memory_allocated() == allocated
         peak_100 = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = _forward(model, weights[1])
+        out = forward(model, weights[1])
         torch.cuda.synchronize()
         assert peak_100 == torch.cuda.max_memory_allocated()
     finally:
@@ -151,7 +134,7 @@ def test_hundred_forwards_do_not_grow_vram(weights, models):
 
 def test_cancelled_forward_then_release_frees_the_slots(weights, models):
     model, ref = models["disabled"]
-    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, LAYERS, 2), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, LAYERS, 2), CUDA)
 
     def cancel(module, args):
         raise RuntimeError("cancelled")
@@ -159,14 +142,14 @@ def test_cancelled_forward_then_release_frees_the_slots(weights, models):
     handle = model.blocks[5].cross_attn.register_forward_pre_hook(cancel)
     try:
         with pytest.raises(RuntimeError, match="cancelled"):
-            _forward(model, weights[1])
+            forward(model, weights[1])
         handle.remove()
         before, slots = torch.cuda.memory_allocated(), swapper.slot_bytes
         swapper.release()
         torch.cuda.synchronize()
         assert slots > 0 and swapper.slot_bytes == 0
         assert before - torch.cuda.memory_allocated() >= slots
-        assert torch.equal(_forward(model, weights[1]), ref)
+        assert torch.equal(forward(model, weights[1]), ref)
     finally:
         handle.remove()
         swapper.detach()
@@ -179,14 +162,14 @@ def test_embedders_stream_from_host_memory_next_to_swapped_blocks(weights, model
     model, ref = models["fp8_e4m3fn_scaled"]
     embedders = torch.nn.ModuleList([model.text_embedding, model.img_emb])
     streamer = BlockSwapper.attach(embedders, SwapPlan(swapped=(0, 1), num_blocks=2, prefetch=0, overlap=False), CUDA)
-    swapper = BlockSwapper.attach(model.blocks, _enhanced(model.blocks, LAYERS, 4), CUDA)
+    swapper = BlockSwapper.attach(model.blocks, enhanced_plan(model.blocks, LAYERS, 4), CUDA)
     try:
         for _ in range(2):
-            assert torch.equal(_forward(model, weights[1]), ref)
+            assert torch.equal(forward(model, weights[1]), ref)
         assert streamer.stats.passes == 2 and streamer.slot_bytes > 0
         assert all(page_locked(streamer.host_range(b)) for b in range(2))
     finally:
         swapper.detach()
         streamer.detach()
     model.to(CUDA)
-    assert torch.equal(_forward(model, weights[1]), ref)
+    assert torch.equal(forward(model, weights[1]), ref)

@@ -12,11 +12,8 @@ import torch
 
 from infinitetalk import attention as A
 from infinitetalk.attention import AttentionMode, build_backend, resolve
-from infinitetalk.blockswap import BlockSwapper, block_nbytes, plan_block_swap
-from infinitetalk.fp8_optimization import ops_for
-from infinitetalk.multitalk.model import InfiniteTalkModel
-from infinitetalk.wanvideo.checkpoint import LoadOptions, load_model, open_state_dict
-from tiny_infinitetalk import TEXT_LEN, tiny_config, tiny_inputs, write_weights
+from infinitetalk.blockswap import BlockSwapper
+from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -50,19 +47,11 @@ def models(weights):
     def get(mode: str, attention: str):
         if (mode, attention) not in built:
             built.clear()  # one model at a time keeps the run small
-            options = LoadOptions(dtype=torch.bfloat16, device="cuda", text_len=TEXT_LEN, ops=ops_for(mode),
-                                  attention=attention_backend(attention))
-            model = load_model(InfiniteTalkModel, open_state_dict([path], "cuda"), options)
-            built[(mode, attention)] = (model, _forward(model, inputs))
+            model = load_on_cuda(path, mode, attention_backend(attention))
+            built[(mode, attention)] = (model, forward(model, inputs))
         return built[(mode, attention)]
 
     return get
-
-
-def _forward(model, inputs):
-    with torch.inference_mode():
-        return model(inputs["x"], inputs["t"], inputs["context"], clip_fea=inputs["clip_fea"], y=inputs["y"],
-                     audio=inputs["audio"])
 
 
 @pytest.mark.parametrize("streams", [1, 4, 16], ids=lambda s: f"streams{s}")
@@ -71,13 +60,11 @@ def _forward(model, inputs):
 @pytest.mark.parametrize("mode", MODES)
 def test_seed_matrix_case_is_bit_identical_to_resident(weights, models, mode, attention, count, streams):
     model, ref = models(mode, attention)
-    args = {"blocks_to_swap": count, "auto_hardware_tuning": False, "num_cuda_streams": streams,
-            "bandwidth_target": 0.5}
-    plan = plan_block_swap(args, [block_nbytes(b) for b in model.blocks], 1 << 40, 0)
+    plan = enhanced_plan(model.blocks, count, streams)
     swapper = BlockSwapper.attach(model.blocks, plan, CUDA)
     try:
         for _ in range(2):
-            out = _forward(model, weights[1])
+            out = forward(model, weights[1])
             assert torch.isfinite(out).all()
             assert torch.equal(out, ref)
         assert swapper.stats.passes == (2 if count else 0)
