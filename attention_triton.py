@@ -125,6 +125,16 @@ def _load_f32(ptrs, INTERP: tl.constexpr):
     return x
 
 
+@triton.jit
+def _load_rows(X, bh, H, rows, L, sb, sl, sh, D: tl.constexpr):
+    """float32 tile [len(rows), D] of head ``bh`` (= b·H + h) of X [B, L, H, D] (strides sb, sl, sh; last dim
+    contiguous); rows >= L read as zero."""
+    b, h = (bh // H).to(tl.int64), bh % H
+    cols = tl.arange(0, D)
+    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=rows[:, None] < L, other=0.0)
+    return x.to(tl.float32)
+
+
 # ------------------------------------------------------------------------------------------------ quantization
 @triton.jit
 def _kv_stats(K, V, Part, Lk, H, skb, skl, skh, svb, svl, svh, D: tl.constexpr, ROWS: tl.constexpr,
@@ -132,7 +142,6 @@ def _kv_stats(K, V, Part, Lk, H, skb, skl, skh, svb, svl, svh, D: tl.constexpr, 
     """Program (blk, b·h): ROWS·STEPS rows of K and V [B, Lk, H, D] -> Part [B·H, NB, 4, D] (K channel sum, max,
     min; V channel max |v|)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
     cols = tl.arange(0, D)
     k_sum = tl.zeros([D], tl.float32)
     k_max = tl.full([D], float("-inf"), tl.float32)
@@ -141,13 +150,12 @@ def _kv_stats(K, V, Part, Lk, H, skb, skl, skh, svb, svl, svh, D: tl.constexpr, 
     for step in range(STEPS):
         rows = (blk * STEPS + step) * ROWS + tl.arange(0, ROWS)
         valid = rows[:, None] < Lk
-        k = tl.load(K + b * skb + h * skh + rows[:, None] * skl + cols[None, :], mask=valid, other=0.0)
-        v = tl.load(V + b * svb + h * svh + rows[:, None] * svl + cols[None, :], mask=valid, other=0.0)
-        k = k.to(tl.float32)
+        k = _load_rows(K, bh, H, rows, Lk, skb, skl, skh, D)
+        v = _load_rows(V, bh, H, rows, Lk, svb, svl, svh, D)
         k_sum += tl.sum(k, 0)
         k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, float("-inf")), 0))
         k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, float("inf")), 0))
-        v_max = tl.maximum(v_max, tl.max(tl.abs(v.to(tl.float32)), 0))
+        v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
     out = Part + (bh.to(tl.int64) * tl.num_programs(0) + blk) * 4 * D + cols
     tl.store(out, k_sum)
     tl.store(out + D, k_max)
@@ -183,11 +191,9 @@ def _quant_q(X, Out, Factor, KScale, L, LP, H, sb, sl, sh, mult, D: tl.constexpr
     """Program (blk, b·h): ROWS rows of Q [B, L, H, D] -> INT8 Out [B·H, LP, D] (one scale per row) and Factor
     [B·H, LP] = row scale · KScale[b·h] · mult."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
-    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=rows[:, None] < L, other=0.0)
-    x = x.to(tl.float32)
+    x = _load_rows(X, bh, H, rows, L, sb, sl, sh, D)
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
     tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :],
              _to_int8(x * ((1.0 / amax) * INT8_MAX)[:, None]))
@@ -199,12 +205,10 @@ def _quant_k(X, Out, KMean, KScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS:
     """Program (blk, b·h): ROWS rows of K [B, L, H, D] minus KMean[b·h], over KScale[b·h] -> INT8 Out
     [B·H, LP, D] (rows >= L zero)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
     valid = rows[:, None] < L
-    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=valid, other=0.0)
-    y = (x.to(tl.float32) - tl.load(KMean + bh * D + cols)[None, :]) * (1.0 / tl.load(KScale + bh))
+    y = (_load_rows(X, bh, H, rows, L, sb, sl, sh, D) - tl.load(KMean + bh * D + cols)[None, :]) * (1.0 / tl.load(KScale + bh))
     y = tl.where(valid, tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX), 0.0)
     tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :], _to_int8(y))
 
@@ -215,11 +219,9 @@ def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.con
     """Program (blk, b·h): ROWS rows of V [B, L, H, D] over VScale[b·h] (per channel) -> e4m3 Vᵀ Out [B·H, D, LP]
     (keys >= L zero; with PERM in the key order of :func:`_perm_p`)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
-    x = tl.load(X + b * sb + h * sh + rows[:, None] * sl + cols[None, :], mask=rows[:, None] < L, other=0.0)
-    y = x.to(tl.float32) / tl.load(VScale + bh * D + cols)[None, :]
+    y = _load_rows(X, bh, H, rows, L, sb, sl, sh, D) / tl.load(VScale + bh * D + cols)[None, :]
     y = _to_fp8(tl.trans(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)), INTERP)
     if PERM:
         y = _perm_p(y, D, ROWS)
