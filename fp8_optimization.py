@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,30 +96,32 @@ class QuantMode(str, enum.Enum):
 QUANT_MODES = tuple(m.value for m in QuantMode)
 
 
-def fused_projection(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
-    """Under ``linear_runtime(LinearRuntime(fuse_qkv=True))``: ``[layer(x) for layer in layers]`` for Linears of
-    one class with equal ``in_features`` (q, k, v), computed as one GEMM over their weights concatenated along N
-    (one activation quantization and one fp8 GEMM for the fp8 GEMM kernels, one dequantize-and-GEMM otherwise).
-    Outputs equal the separate calls within rounding; they are column slices of one [..., sum N] tensor.
+def projections(layers: Sequence[nn.Module], x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``layer(x)`` for each of ``layers`` (Linears of one input width: q, k, v), yielded one at a time so the
+    caller can consume each output before the next exists.
 
-    Returns None when the switch is off or the layers cannot be fused (different classes, hooks such as unmerged
-    LoRAs, a kernel without a fused form): the caller then runs the layers one by one, in the order that keeps
-    the fewest activations alive.
+    Layers of one class without hooks share work: fp8 row-wise GEMM layers quantize x once for all of them; under
+    ``linear_runtime(LinearRuntime(fuse_qkv=True))`` the layers run as one GEMM over their weights concatenated
+    along N (one dequantize-and-GEMM for the other kernels), and the outputs are column slices of one
+    [..., sum N] tensor. Outputs equal the separate calls within rounding.
     """
-    kernel = _fusable_kernel(layers, x) if current_runtime().fuse_qkv else None
-    if kernel is None:
-        return None
+    kernel = _fusable_kernel(layers, x)
+    fuse = kernel is not None and current_runtime().fuse_qkv
     if kernel is Kernel.FP8_ROWWISE:
         name = "+".join(layer.layer_name for layer in layers)
-        parts = _fused_fp8_rowwise(layers, _gemm_rows(x, name), name)
-    else:
+        rows = _gemm_rows(x, name)
+        parts = _fused_fp8_rowwise(layers, rows, name) if fuse else _shared_fp8_rowwise(layers, rows)
+    elif fuse:
         rows = x.reshape(-1, x.shape[-1])
         weights = [layer.weight.to(x.dtype) if isinstance(layer, CastLinear) else layer.dequantized_weight(x.dtype)
                    for layer in layers]
         bias = None if layers[0].bias is None else torch.cat([layer.bias.to(x.dtype) for layer in layers])
-        y = F.linear(rows, torch.cat(weights), bias)
-        parts = y.split([layer.out_features for layer in layers], dim=1)
-    return [part.unflatten(0, x.shape[:-1]) for part in parts]
+        parts = F.linear(rows, torch.cat(weights), bias).split([layer.out_features for layer in layers], dim=1)
+    else:
+        yield from (layer(x) for layer in layers)
+        return
+    for part in parts:
+        yield part.unflatten(0, x.shape[:-1])
 
 
 def _gemm_rows(x: torch.Tensor, layer_name: str) -> torch.Tensor:
@@ -134,9 +136,11 @@ def _gemm_rows(x: torch.Tensor, layer_name: str) -> torch.Tensor:
 
 
 def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Kernel]:
-    """The GEMM a fused call of ``layers`` runs, or None when they must run one by one."""
+    """The GEMM ``layers`` can share (one class, one input width, all with or all without bias, no hooks such as
+    unmerged LoRAs), or None when they must run one by one."""
     first = layers[0]
     if (len({type(layer) for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1
+            or len({layer.in_features for layer in layers}) != 1 or x.shape[-1] != first.in_features
             or any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)):
         return None
     if isinstance(first, CastLinear):
@@ -160,11 +164,21 @@ def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor, name
     return [part[:, :layer.out_features] for part, layer in zip(parts, layers)]
 
 
+def _shared_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Each fp8 layer's [M, out_features] for activation rows [M, K] (contiguous) quantized once, one GEMM per
+    layer as it is consumed."""
+    quantized = quantize_rows_e4m3(rows, layers[0].k_pad - layers[0].in_features)
+    for layer in layers:
+        yield layer._run_fp8_rowwise(rows, quantized)
+
+
 def _fp8_rowwise_gemm(name: str, rows: torch.Tensor, w8: torch.Tensor, scale_b: torch.Tensor,
-                      bias: Optional[torch.Tensor], layer: "QuantLinear") -> torch.Tensor:
+                      bias: Optional[torch.Tensor], layer: "QuantLinear",
+                      quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """rows [M, K] contiguous -> [M, n_pad] of the rows' dtype: per-token e4m3 activations x e4m3 weight [n_pad,
-    k_pad] (passed transposed, column-major); the bias is fused into the GEMM except for float32 outputs."""
-    a, scale_a = quantize_rows_e4m3(rows, layer.k_pad - layer.in_features)
+    k_pad] (passed transposed, column-major); the bias is fused into the GEMM except for float32 outputs.
+    ``quantized``: the rows' e4m3 [M, k_pad] and scales [M, 1] when already made (shared by several layers)."""
+    a, scale_a = quantized or quantize_rows_e4m3(rows, layer.k_pad - layer.in_features)
     fuse_bias = rows.dtype != torch.float32
     op = GemmOperands(name, Kernel.FP8_ROWWISE, a, w8.t(), scale_a, scale_b, bias if fuse_bias else None,
                       rows.dtype)
@@ -400,10 +414,11 @@ class QuantLinear(nn.Module):
         check_operands(GemmOperands(self.layer_name, Kernel.DENSE, rows, w.t(), bias=bias, out_dtype=rows.dtype))
         return F.linear(rows, w, bias)
 
-    def _run_fp8_rowwise(self, rows: torch.Tensor) -> torch.Tensor:
+    def _run_fp8_rowwise(self, rows: torch.Tensor,
+                         quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         w8, scale_b = self._fp8_operands()
         bias = self._bias_as(rows.dtype, padded=True)
-        return self._crop(_fp8_rowwise_gemm(self.layer_name, rows, w8, scale_b, bias, self))
+        return self._crop(_fp8_rowwise_gemm(self.layer_name, rows, w8, scale_b, bias, self, quantized))
 
     def _run_fp8_tensorwise(self, rows: torch.Tensor) -> torch.Tensor:
         w8, scale_b = self._fp8_operands()

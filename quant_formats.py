@@ -17,22 +17,20 @@ Layouts (weights are row-major ``[N, K]`` = ``[out_features, in_features]``, blo
 
 K must already be padded to the block size (16 for FP8 and NVFP4, 32 for MXFP4).
 
-Functions marked ``@fused`` run as ``torch.compile``-generated kernels on CUDA (so a dequantize or an activation
-quantization reads its input about once) and as plain eager torch on other devices.
+Functions marked ``@fused`` (:mod:`compiled_kernels`) run as ``torch.compile``-generated kernels on CUDA (so a
+dequantize or an activation quantization reads its input about once) and as plain eager torch on other devices.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
-import functools
-import importlib.util
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .compiled_kernels import fused
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -48,58 +46,6 @@ _NVFP4_SEARCH = (-2, -1, 0, 1, 2, 3, 4, 5, 6)
 def round_up(value: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``value``."""
     return -(-value // multiple) * multiple
-
-
-_RECOMPILE_LIMIT = 64  # compiled kernels per function: one per weight shape, one per activation width and dtype
-
-
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-_EAGER = ContextVar("infinitetalk_eager_quantization", default=False)
-
-
-@contextlib.contextmanager
-def eager_quantization(enabled: bool = True) -> Iterator[None]:
-    """Inside (when ``enabled``), :func:`fused` functions run eagerly: no generated (Triton) kernels around the
-    cuBLAS GEMMs, at the cost of a few more passes over the tensors."""
-    token = _EAGER.set(enabled)
-    try:
-        yield
-    finally:
-        _EAGER.reset(token)
-
-
-def fused(dynamic_rows: bool = False) -> Callable[[Callable], Callable]:
-    """Run the decorated function as ``torch.compile``-generated kernels when its first argument is a CUDA tensor
-    and Triton is installed (one pass over the tensor instead of several eager ones), eagerly otherwise.
-
-    Shapes are static (one kernel per weight shape, tuned for it); with ``dynamic_rows`` dim 0 (tokens) of the
-    tensor arguments stays symbolic so every batch size shares one kernel per activation width. Eager inside
-    :func:`eager_quantization`.
-    """
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def call(first: torch.Tensor, *args):
-            if not (first.is_cuda and _triton_available()) or _EAGER.get():
-                return fn(first, *args)
-            if dynamic_rows:
-                for tensor in (first, *args):
-                    if isinstance(tensor, torch.Tensor) and tensor.shape[0] > 1:
-                        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return _compiled(fn)(first, *args)
-
-        return call
-
-    return wrap
 
 
 # ----------------------------------------------------------------------------------------------------------- FP8

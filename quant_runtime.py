@@ -11,16 +11,17 @@ from typing import Iterator
 
 import torch
 
-from .quant_formats import eager_quantization
+from .compiled_kernels import eager_kernels
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LinearRuntime:
-    """Per-run switches (the sampler's extra inputs). ``cublas_only``: quantization helpers run eagerly, so the
-    only kernels of a quantized layer are cuBLAS/cuBLASLt GEMMs (``use_cublas_gemm``); ``fuse_qkv``:
-    ``fp8_optimization.fused_projection`` runs the q/k/v projections as one GEMM (``fuse_qkv_projections``);
+    """Per-run switches (the sampler's extra inputs). ``cublas_only``: no generated (Triton) kernels, so the only
+    kernels of a quantized layer are cuBLAS/cuBLASLt GEMMs and the DiT's per-token steps run as torch's own
+    (``use_cublas_gemm``; ``compiled_kernels.eager_kernels``); ``fuse_qkv``:
+    ``fp8_optimization.projections`` runs the q/k/v projections as one GEMM (``fuse_qkv_projections``);
     ``report_layouts``: log once per layer an input that needed a layout copy before its GEMM
     (``force_contiguous_tensors``)."""
 
@@ -38,7 +39,7 @@ def linear_runtime(settings: LinearRuntime) -> Iterator[None]:
     """Apply ``settings`` to every Linear call inside (this thread / task only)."""
     token = _RUNTIME.set((settings, set()))
     try:
-        with eager_quantization(settings.cublas_only):
+        with eager_kernels(settings.cublas_only):
             yield
     finally:
         _RUNTIME.reset(token)

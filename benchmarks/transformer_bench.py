@@ -17,7 +17,8 @@ A mode spec ``quant_mode[:attention_mode][+fuse_qkv]`` runs with that attention 
 ``+fuse_qkv``, the sampler's ``fuse_qkv_projections`` switch on. Per mode: ``ms`` is the median wall time of --reps
 forwards (each ended by a device synchronize) after one warm-up forward; ``peak GiB`` is torch max_memory_allocated
 during the timed forwards; ``weights GiB`` is the model's parameter and buffer bytes; rel. error = ‖out − out_fp32‖
-/ ‖out_fp32‖ over the whole output. Writes transformer_bench.json and transformer_bench.md to --out.
+/ ‖out_fp32‖ over the whole output. Writes transformer_bench.json and transformer_bench.md to --out; with
+--profile also profile_<mode>.txt per mode: the GPU time of one more forward per kernel (torch.profiler).
 """
 from __future__ import annotations
 
@@ -97,6 +98,15 @@ def measure(model, inputs: dict, device: torch.device, reps: int) -> tuple[torch
     return out, statistics.median(times), peak
 
 
+def profile_forward(model, inputs: dict, path: Path) -> None:
+    """Write the per-kernel GPU time of one forward (torch.profiler, top 60 by device time) to ``path``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        forward(model, inputs)
+        _sync(next(model.parameters()).device)
+    path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+
+
 def build(state: LazyStateDict, dtype: torch.dtype, mode: str, attention: str, device: torch.device):
     """(model loaded from ``state`` through the real loader, name of the attention kernel that runs)."""
     backend = resolve(attention, device, dtype)
@@ -133,6 +143,10 @@ def run(opts: argparse.Namespace) -> list[Row]:
         with linear_runtime(LinearRuntime(fuse_qkv=bool(fuse))):
             out, ms, peak = measure(model, inputs, device, opts.reps)
         mode += fuse
+        if opts.profile and opts.out:
+            opts.out.mkdir(parents=True, exist_ok=True)
+            with linear_runtime(LinearRuntime(fuse_qkv=bool(fuse))):
+                profile_forward(model, inputs, opts.out / f"profile_{mode}_{attention or 'sdpa'}.txt")
         err = float("nan") if ref is None else (
             torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
         rows.append(Row(mode, kernel, ms, peak, weights_gib(model), err))
@@ -163,6 +177,7 @@ def main() -> None:
                         help="attention mode of the float32 reference run; none skips it (it needs about 110 GB)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="write profile_<mode>.txt per mode to --out")
     opts = parser.parse_args()
     rows = run(opts)
     text = table(rows)

@@ -107,8 +107,8 @@ class SingleStreamMutiAttention(nn.Module):
         kv = self.kv_linear(audio).unflatten(-1, (2, *heads))
         k, v = kv[:, :, 0], kv[:, :, 1]
         if q_positions is not None:
-            q = apply_rope(q, rope_table_1d(q_positions, self.head_dim)).to(x.dtype)
+            q = apply_rope(q, rope_table_1d(q_positions, self.head_dim), x.dtype)
             k_pos = audio_key_positions(audio.shape[1], self.audio_cfg, audio.device)
-            k = apply_rope(k, rope_table_1d(k_pos, self.head_dim)).to(x.dtype)
+            k = apply_rope(k, rope_table_1d(k_pos, self.head_dim), x.dtype)
         out = self.attention(q.reshape(b * frames, s // frames, *heads), k, v)
         return self.proj(out.reshape(b, s, dim))

@@ -103,7 +103,8 @@ class InfiniteTalkBlock(WanAttentionBlock):
     def after_cross_attn(self, x: torch.Tensor, extra: Any, ctx: AudioBlockContext) -> torch.Tensor:
         """x + audio cross-attention of norm_x(x); class RoPE from the speaker map when there are two speakers."""
         positions = speaker_positions(extra, self.audio_cfg) if ctx.n_speakers > 1 else None
-        return x + ctx.audio_scale * self.audio_cross_attn(self.norm_x(x), ctx.audio, ctx.grid, positions)
+        return torch.add(x, self.audio_cross_attn(self.norm_x(x), ctx.audio, ctx.grid, positions),
+                         alpha=ctx.audio_scale)
 
 
 class InfiniteTalkModel(WanModel):

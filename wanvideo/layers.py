@@ -4,9 +4,12 @@ Dtype contract (model-spec §2.8): norms are computed in float32 and return the 
 embedding is built in float64 (float32 where the device has no float64) and returned as float32; the modulate
 step and the gated residual run in float32.
 
-Memory: every float32 step is per token, so :func:`by_token_chunks` runs it over chunks of
-:data:`TOKEN_CHUNK` tokens and writes one output of the target dtype; at video sizes no full-size float32 copy of
-an activation exists (a [32760, 5120] one is 0.67 GB). The results equal the unchunked expressions bit for bit.
+Speed and memory: every float32 step is per token and goes through :func:`per_token`. On CUDA (with Triton) a
+step is one generated kernel over the whole tensor (``compiled_kernels.fused``): it reads its inputs once, keeps
+the float32 values in registers and writes the output dtype; a norm and the modulation after it, or the q/k
+RMSNorm and the RoPE after it, are one kernel. Elsewhere :func:`by_token_chunks` runs the same expression eagerly
+over chunks of :data:`TOKEN_CHUNK` tokens. Either way no full-size float32 copy of an activation exists (a
+[32760, 5120] one is 0.67 GB); the chunked results equal the unchunked expressions bit for bit.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..compiled_kernels import fused, runs_compiled
 
 
 TOKEN_CHUNK = 4096
@@ -36,6 +41,16 @@ def by_token_chunks(fn: Callable[..., torch.Tensor], dtype: torch.dtype, x: torc
             out = torch.empty((*part.shape[:-2], tokens, part.shape[-1]), dtype=dtype, device=part.device)
         out[..., start:start + part.shape[-2], :] = part
     return out
+
+
+def per_token(math: Callable[..., torch.Tensor], x: torch.Tensor, rows: tuple[torch.Tensor, ...] = (),
+              consts: tuple = (), dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``math(x, *rows, *consts)`` for a per-token ``math`` that returns ``dtype`` (default x's); ``rows`` are
+    tensors with x's token dim (-2), ``consts`` anything broadcast over the tokens. One generated kernel where
+    ``compiled_kernels.runs_compiled(x)``, else :func:`by_token_chunks`."""
+    if runs_compiled(x):
+        return fused(dynamic_rows=True)(math)(x, *rows, *consts)
+    return by_token_chunks(lambda *parts: math(*parts, *consts), dtype or x.dtype, x, *rows)
 
 
 def high_precision_dtype(device: torch.device) -> torch.dtype:
@@ -60,12 +75,14 @@ class WanRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
-        return by_token_chunks(self._reference, x.dtype, x)
+        return per_token(rms_norm_math, x, consts=(self.weight.to(x.dtype), self.eps))
 
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
+
+def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference RMSNorm of x [..., dim]: normalised in float32, cast to x's dtype, times ``weight`` (x's
+    dtype)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -76,10 +93,35 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_token(_layer_norm_math, x, consts=self._affine())
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``modulate(self(x), shift, scale)`` (same values) as one step: x [B, S, dim]; shift/scale float32
+        [B, 1, dim]; returns x's dtype."""
+        return per_token(_norm_modulate_math, x, consts=(*self._affine(), shift, scale))
+
+    def _affine(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return by_token_chunks(lambda t: F.layer_norm(t.float(), self.normalized_shape, weight, bias, self.eps),
-                               x.dtype, x)
+        return weight, bias, self.eps
+
+
+def _layer_norm_math(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps).to(x.dtype)
+
+
+def _modulate_math(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
+
+
+def _norm_modulate_math(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                        shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _modulate_math(_layer_norm_math(x, weight, bias, eps), shift, scale)
+
+
+def _gated_residual_math(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (y.float() * gate + x).to(x.dtype)
 
 
 class MLPProj(nn.Module):
@@ -118,22 +160,12 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
 
     normed [B, S, dim]; shift/scale float32 [B, 1, dim].
     """
-    def step(t: torch.Tensor) -> torch.Tensor:
-        out = t.float() * (1 + scale)
-        out += shift
-        return out
-
-    return by_token_chunks(step, normed.dtype, normed)
+    return per_token(_modulate_math, normed, consts=(shift, scale))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + y·gate`` in float32, returned in ``x``'s dtype. x, y [B, S, dim]; gate float32 [B, 1, dim]."""
-    def step(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        out = ys.float() * gate
-        out += xs
-        return out
-
-    return by_token_chunks(step, x.dtype, x, y)
+    return per_token(_gated_residual_math, x, rows=(y,), consts=(gate,))
 
 
 def use_native_rms_norm(model: nn.Module, enabled: bool) -> None:

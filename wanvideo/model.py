@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from ..attention import AttentionBackend
-from ..fp8_optimization import Ops, QuantMode, fused_projection, ops_for
+from ..fp8_optimization import Ops, QuantMode, ops_for, projections
 from .config import WanConfig
-from .layers import (MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual, modulate,
-                     sinusoidal_embedding_1d)
-from .rope import RopeTable, apply_rope, rope_table_3d
+from .layers import MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual, sinusoidal_embedding_1d
+from .rope import RopeTable, norm_and_rotate, rope_table_3d
 
 FFN_CHUNK_TOKENS = 8192  # the FFN runs over token chunks of this size: its [S, ffn_dim] hidden state never exists whole
 CROSS_ATTN_CHUNK_TOKENS = 8192  # the text/image cross-attention's queries run over token chunks of this size
@@ -56,10 +55,10 @@ class WanSelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected q, k (normed, rotated) and v, each [B, S, heads, head_dim] in x's dtype."""
         heads = (self.num_heads, self.head_dim)
-        fused = fused_projection((self.q, self.k, self.v), x)
-        q = apply_rope(self.norm_q(fused[0] if fused else self.q(x)).unflatten(-1, heads), rope, x.dtype)
-        k = apply_rope(self.norm_k(fused[1] if fused else self.k(x)).unflatten(-1, heads), rope, x.dtype)
-        return q, k, (fused[2] if fused else self.v(x)).unflatten(-1, heads)
+        outputs = projections((self.q, self.k, self.v), x)
+        q = norm_and_rotate(self.norm_q, next(outputs), rope, heads)
+        k = norm_and_rotate(self.norm_k, next(outputs), rope, heads)
+        return q, k, next(outputs).unflatten(-1, heads)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention over all keys and the output projection: [B, S, heads, head_dim] -> [B, S, dim]."""
@@ -81,7 +80,7 @@ class WanT2VCrossAttention(WanSelfAttention):
         return t.unflatten(-1, (self.num_heads, self.head_dim))
 
     def _project(self, context: torch.Tensor, k: nn.Module, v: nn.Module, norm: nn.Module) -> KeysValues:
-        keys, values = fused_projection((k, v), context) or (k(context), v(context))
+        keys, values = projections((k, v), context)
         return self._heads(norm(keys)), self._heads(values)
 
     def keys_values(self, context: torch.Tensor, n_img: int = 0) -> list[KeysValues]:
@@ -155,7 +154,7 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, extra = self.self_attention(modulate(self.norm1(x), shift1, scale1), ctx)
+        y, extra = self.self_attention(self.norm1.modulated(x, shift1, scale1), ctx)
         x = gated_residual(x, y, gate1)
         x = self.cross_attention(x, ctx)
         x = self.after_cross_attn(x, extra, ctx)
@@ -176,7 +175,7 @@ class WanAttentionBlock(nn.Module):
         op is per token, so the result equals the unchunked one; at 832x480x81 the activation peak drops by the
         [S, 13824] hidden state and the float32 temporaries)."""
         def step(part: torch.Tensor) -> torch.Tensor:
-            return gated_residual(part, self.ffn(modulate(self.norm2(part), shift, scale)), gate)
+            return gated_residual(part, self.ffn(self.norm2.modulated(part, shift, scale)), gate)
 
         return by_token_chunks(step, x.dtype, x, chunk=FFN_CHUNK_TOKENS)
 

@@ -2,7 +2,9 @@
 
 Layout: the head dim is used as adjacent (real, imaginary) pairs — element 2i is the real part, 2i+1 the imaginary
 part of pair i (interleaved, not half-split). Tables are [..., S, head_dim/2] float32 cos/sin; angles are computed in
-float64 where the device supports it. :func:`apply_rope` rotates in float32 and returns float32.
+float64 where the device supports it. :func:`apply_rope` rotates in float32 and returns float32, or the given dtype
+through ``layers.per_token`` (one generated kernel on CUDA, token chunks elsewhere); :func:`norm_and_rotate` is the
+self-attention's q/k RMSNorm and RoPE as one such step.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from typing import Optional
 
 import torch
 
-from .layers import by_token_chunks, high_precision_dtype
+from .layers import WanRMSNorm, high_precision_dtype, per_token, rms_norm_math
 
 ROPE_THETA = 10000.0
-ROPE_CHUNK_TOKENS = 4096  # apply_rope(..., dtype=...) rotates this many tokens at a time in float32
 
 
 def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
@@ -64,18 +65,23 @@ def rope_table_1d(positions: torch.Tensor, head_dim: int) -> RopeTable:
 def apply_rope(x: torch.Tensor, table: RopeTable, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rotate adjacent pairs of x [B, S, H, D] by the table ([S, D/2] or [B, S, D/2]).
 
-    Returns float32 [B, S, H, D]; with ``dtype``, the same values cast to ``dtype``, computed over chunks of
-    :data:`ROPE_CHUNK_TOKENS` tokens so no full-size float32 copy of x exists (identical to ``.to(dtype)``).
+    Returns float32 [B, S, H, D]; with ``dtype``, the same values cast to ``dtype``, computed per token (no
+    full-size float32 copy of x).
     """
     if dtype is None:
         return _rotate(x, table.cos, table.sin)
-    heads = x.shape[-2:]
+    heads = tuple(x.shape[-2:])
+    return per_token(_rotate_flat, x.flatten(-2), rows=(table.cos, table.sin), consts=(heads, dtype),
+                     dtype=dtype).unflatten(-1, heads)
 
-    def rotate_flat(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return _rotate(rows.unflatten(-1, heads), cos, sin).flatten(-2)
 
-    return by_token_chunks(rotate_flat, dtype, x.flatten(-2), table.cos, table.sin,
-                           chunk=ROPE_CHUNK_TOKENS).unflatten(-1, heads)
+def norm_and_rotate(norm: WanRMSNorm, x: torch.Tensor, table: RopeTable, heads: tuple[int, int]) -> torch.Tensor:
+    """``apply_rope(norm(x).unflatten(-1, heads), table, x.dtype)`` (same values) as one per-token step:
+    x [B, S, H·D] -> [B, S, H, D] of x's dtype."""
+    if norm.native:
+        return apply_rope(norm(x).unflatten(-1, heads), table, x.dtype)
+    return per_token(_norm_rotate_flat, x, rows=(table.cos, table.sin),
+                     consts=(norm.weight.to(x.dtype), norm.eps, heads)).unflatten(-1, heads)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,3 +89,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+
+
+def _rotate_flat(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    return _rotate(rows.unflatten(-1, heads), cos, sin).flatten(-2).to(dtype)
+
+
+def _norm_rotate_flat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor, eps: float,
+                      heads: tuple[int, int]) -> torch.Tensor:
+    return _rotate_flat(rms_norm_math(x, weight, eps), cos, sin, heads, x.dtype)

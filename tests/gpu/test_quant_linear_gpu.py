@@ -121,9 +121,11 @@ def test_move_to_gpu_and_state_dict_round_trip(mode):
 
 @pytest.mark.parametrize("mode", ["disabled", "fp8_e4m3fn_scaled", "fp8_e4m3fn_scaled_fast", "fp8_e5m2_fast",
                                   "fp4_scaled_fast"])
-def test_fused_qkv_projection_matches_separate_layers(mode):
-    """fuse_qkv_projections: one GEMM (one activation quantization) over q/k/v with N and K needing padding."""
-    from infinitetalk.fp8_optimization import fused_projection
+@pytest.mark.parametrize("fuse", [True, False])
+def test_qkv_projections_match_separate_layers(mode, fuse):
+    """projections: with fuse_qkv_projections one GEMM over q/k/v, without it one shared activation quantization
+    for the fp8 GEMM kernels; N and K need padding."""
+    from infinitetalk.fp8_optimization import projections
     from infinitetalk.quant_runtime import LinearRuntime, linear_runtime
 
     layers = []
@@ -137,11 +139,13 @@ def test_fused_qkv_projection_matches_separate_layers(mode):
         layers.append(layer)
     x = _inputs(2, 33, 200)
     separate = [layer(x) for layer in layers]
-    with linear_runtime(LinearRuntime(fuse_qkv=True)):
-        fused = fused_projection(layers, x)
+    with linear_runtime(LinearRuntime(fuse_qkv=fuse)):
+        together = list(projections(layers, x))
     torch.cuda.synchronize()
-    for a, b in zip(fused, separate):
+    for a, b in zip(together, separate):
         assert a.shape == b.shape and relative_error(a, b) < 1e-2
+    if "fast" in mode and not fuse:  # the same quantized rows and GEMMs as the separate calls
+        assert all(torch.equal(a, b) for a, b in zip(together, separate))
 
 
 def test_cublas_only_runs_no_generated_kernel():

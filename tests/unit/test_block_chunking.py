@@ -1,7 +1,8 @@
 """The block's FFN, its cross-attention queries, the q/k rotation and the float32 norms / modulation / gated
 residuals run over token chunks (wanvideo.model.FFN_CHUNK_TOKENS and CROSS_ATTN_CHUNK_TOKENS,
-wanvideo.rope.ROPE_CHUNK_TOKENS, wanvideo.layers.TOKEN_CHUNK) to bound activation memory; the results equal the
-unchunked expressions."""
+wanvideo.layers.TOKEN_CHUNK) to bound activation memory when they run eagerly (CPU, or no Triton); the results
+equal the unchunked expressions, and the fused steps (a norm with its modulation, the q/k RMSNorm with its RoPE)
+equal the composed ones."""
 import pytest
 import torch
 
@@ -9,11 +10,10 @@ from infinitetalk.attention import resolve
 from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.wanvideo import layers as wan_layers
 from infinitetalk.wanvideo import model as wan_model
-from infinitetalk.wanvideo import rope as wan_rope
 from infinitetalk.wanvideo.config import WanConfig
 from infinitetalk.wanvideo.layers import WanLayerNorm, WanRMSNorm, gated_residual, modulate
 from infinitetalk.wanvideo.model import BlockContext, WanAttentionBlock
-from infinitetalk.wanvideo.rope import apply_rope, rope_table_3d
+from infinitetalk.wanvideo.rope import apply_rope, norm_and_rotate, rope_table_3d
 
 
 @pytest.mark.parametrize("mode,dtype", [("disabled", torch.float32), ("disabled", torch.bfloat16),
@@ -31,7 +31,6 @@ def test_chunked_ffn_equals_one_pass(monkeypatch, mode, dtype):
         whole = block(x, e0, ctx)
         monkeypatch.setattr(wan_model, "FFN_CHUNK_TOKENS", 16)  # 60 tokens -> chunks of 16, 16, 16, 12
         monkeypatch.setattr(wan_model, "CROSS_ATTN_CHUNK_TOKENS", 13)
-        monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 7)
         monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 11)
         chunked = block(x, e0, ctx)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
@@ -69,9 +68,31 @@ def test_chunked_rotation_to_a_dtype_equals_the_cast_float32_result(monkeypatch)
     grid = (3, 4, 5)
     table = rope_table_3d(grid, 32, torch.device("cpu"))
     q = torch.randn(2, 60, 3, 32, generator=gen).bfloat16()
-    monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 16)
     out = apply_rope(q, table, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, apply_rope(q, table).bfloat16())
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+@pytest.mark.parametrize("affine", [False, True])
+def test_fused_steps_equal_the_composed_ones(monkeypatch, chunk, affine):
+    monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 30, 64, generator=gen).bfloat16()
+    shift, scale = (torch.randn(2, 1, 64, generator=gen) for _ in range(2))
+    norm = WanLayerNorm(64, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    assert torch.equal(norm.modulated(x, shift, scale), modulate(norm(x), shift, scale))
+    rms = WanRMSNorm(64)
+    with torch.no_grad():
+        rms.weight.uniform_(0.5, 1.5)
+    table = rope_table_3d((2, 3, 5), 32, torch.device("cpu"))
+    expected = apply_rope(rms(x).unflatten(-1, (2, 32)), table, x.dtype)
+    out = norm_and_rotate(rms, x, table, (2, 32))
+    assert out.shape == (2, 30, 2, 32) and out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
 def test_native_rms_norm_switch_is_close_to_the_reference_and_changes_the_kernel():
@@ -104,7 +125,6 @@ def test_chunked_block_traces_under_torch_compile(monkeypatch):
                        context=torch.randn(1, 257 + 7, cfg.dim), n_img=257)
     monkeypatch.setattr(wan_model, "FFN_CHUNK_TOKENS", 16)
     monkeypatch.setattr(wan_model, "CROSS_ATTN_CHUNK_TOKENS", 13)
-    monkeypatch.setattr(wan_rope, "ROPE_CHUNK_TOKENS", 7)
     monkeypatch.setattr(wan_layers, "TOKEN_CHUNK", 11)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-from infinitetalk import quant_formats
+from infinitetalk import compiled_kernels
 from infinitetalk.attention import operand_checks, resolve
-from infinitetalk.fp8_optimization import fused_projection, ops_for
+from infinitetalk.fp8_optimization import ops_for, projections
 from infinitetalk.quant_runtime import LinearRuntime, linear_runtime
 from infinitetalk.multitalk.model import InfiniteTalkModel
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig
@@ -28,17 +28,31 @@ def layers(mode, n=3, dim=48, seed=0):
 
 
 @pytest.mark.parametrize("mode", ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled", "fp8_e4m3fn_scaled_fast"])
-def test_fused_projection_equals_separate_calls_and_shares_one_output(mode):
+def test_fused_projections_equal_separate_calls_and_share_one_output(mode):
     qkv = layers(mode)
     x = torch.randn(2, 7, 48)
     separate = [layer(x) for layer in qkv]
     with linear_runtime(LinearRuntime(fuse_qkv=True)):
-        fused = fused_projection(qkv, x)
+        fused = list(projections(qkv, x))
     storages = {t.untyped_storage().data_ptr() for t in fused}
     assert len(storages) == 1  # one GEMM output, sliced
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert fused_projection(qkv, x) is None  # switch off: the caller runs the layers
+    unfused = list(projections(qkv, x))  # switch off: one GEMM per layer
+    assert len({t.untyped_storage().data_ptr() for t in unfused}) == 3
+    for a, b in zip(unfused, separate):
+        assert torch.equal(a, b)
+
+
+def test_projections_are_computed_one_at_a_time():
+    qkv = layers("disabled")
+    calls = []
+    for layer in qkv:
+        layer.register_forward_hook(lambda m, a, out: calls.append(m))
+    outputs = projections(qkv, torch.randn(1, 5, 48))
+    assert calls == []
+    next(outputs)
+    assert calls == [qkv[0]]
 
 
 def test_layers_with_hooks_are_not_fused():
@@ -46,7 +60,9 @@ def test_layers_with_hooks_are_not_fused():
     qkv[1].register_forward_hook(lambda m, a, out: out * 2)
     x = torch.randn(1, 5, 48)
     with linear_runtime(LinearRuntime(fuse_qkv=True)):
-        assert fused_projection(qkv, x) is None
+        outputs = list(projections(qkv, x))
+    assert len({t.untyped_storage().data_ptr() for t in outputs}) == 3
+    assert torch.equal(outputs[1], 2 * qkv[1].__class__.forward(qkv[1], x))
 
 
 def test_fused_model_forward_matches():
@@ -96,15 +112,15 @@ def test_attention_operand_checks_report_strided_inputs_once(caplog):
 def test_cublas_only_switches_the_fused_helpers_to_eager():
     calls = []
 
-    @quant_formats.fused()
+    @compiled_kernels.fused()
     def probe(x):
         calls.append(torch.compiler.is_compiling())
         return x + 1
 
     x = torch.ones(3)
-    with quant_formats.eager_quantization():
+    with compiled_kernels.eager_kernels():
         probe(x)
     with linear_runtime(LinearRuntime(cublas_only=True)):
         probe(x)
     assert calls == [False, False]
-    assert not quant_formats._EAGER.get()  # restored on exit
+    assert not compiled_kernels._EAGER.get()  # restored on exit
