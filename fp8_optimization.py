@@ -1,4 +1,4 @@
-"""Linear layers per quantization mode, and the one place that calls ``torch._scaled_mm``.
+"""Linear layers per quantization mode (their GEMM calls, with the one ``torch._scaled_mm`` call, in :mod:`quant_gemm`).
 
 The model builds every quantizable Linear through ``ops.Linear(in_features, out_features, bias=True, device=None,
 dtype=None)`` where ``ops = ops_for(mode)``; the module type then says what runs. Layers that must stay in high
@@ -54,18 +54,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional, Sequence
+from typing import ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled_kernels import runs_compiled
+from .quant_gemm import QuantizedRows, fp8_rowwise_gemm, gemm_rows, quantize_rows, scaled_mm
 from .quant_kernel_choice import select_kernel
 from .quant_runtime import current_runtime, report_layout
 from .quant_formats import (E4M3, E5M2, MXFP4_BLOCK, NVFP4_BLOCK, GemmOperands, Kernel, check_operands,
                             dequantize_fp8, dequantize_mxfp4, dequantize_nvfp4, e5m2_to_e4m3, nvfp4_to_e4m3,
                             quantize_fp8, quantize_mxfp4, quantize_nvfp4, quantize_nvfp4_activations,
-                            quantize_rows_e4m3, quantize_tensor_e4m3, round_up,
+                            quantize_tensor_e4m3, round_up,
                             swizzle_block_scales)
 
 class QuantMode(str, enum.Enum):
@@ -96,9 +98,10 @@ class QuantMode(str, enum.Enum):
 QUANT_MODES = tuple(m.value for m in QuantMode)
 
 
-def projections(layers: Sequence[nn.Module], x: torch.Tensor) -> Iterator[torch.Tensor]:
+def projections(layers: Sequence[nn.Module], x: Union[torch.Tensor, QuantizedRows]) -> Iterator[torch.Tensor]:
     """``layer(x)`` for each of ``layers`` (Linears of one input width: q, k, v), yielded one at a time so the
-    caller can consume each output before the next exists.
+    caller can consume each output before the next exists. x: [..., K], or the :class:`QuantizedRows` its
+    producer made when :func:`takes_quantized_rows`.
 
     Layers of one class without hooks share work: fp8 row-wise GEMM layers quantize x once for all of them; under
     ``linear_runtime(LinearRuntime(fuse_qkv=True))`` the layers run as one GEMM over their weights concatenated
@@ -109,8 +112,8 @@ def projections(layers: Sequence[nn.Module], x: torch.Tensor) -> Iterator[torch.
     fuse = kernel is not None and current_runtime().fuse_qkv
     if kernel is Kernel.FP8_ROWWISE:
         name = "+".join(layer.layer_name for layer in layers)
-        rows = _gemm_rows(x, name)
-        parts = _fused_fp8_rowwise(layers, rows, name) if fuse else _shared_fp8_rowwise(layers, rows)
+        a = x if isinstance(x, QuantizedRows) else layers[0]._quantized(gemm_rows(x, name))
+        parts = _fused_fp8_rowwise(layers, a, name) if fuse else (layer._run_fp8_rowwise(a) for layer in layers)
     elif fuse:
         rows = x.reshape(-1, x.shape[-1])
         weights = [layer.weight.to(x.dtype) if isinstance(layer, CastLinear) else layer.dequantized_weight(x.dtype)
@@ -124,15 +127,14 @@ def projections(layers: Sequence[nn.Module], x: torch.Tensor) -> Iterator[torch.
         yield part.unflatten(0, x.shape[:-1])
 
 
-def _gemm_rows(x: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """x [..., K] as the GEMM's activation operand: [M, K], contiguous, 16-byte aligned (a copy only when x is not;
-    reported under ``force_contiguous_tensors``)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if not x.is_contiguous() or rows.data_ptr() % 16:
-        report_layout(layer_name, x, "made contiguous and 16-byte aligned")
-    if not rows.is_contiguous():
-        return rows.contiguous()
-    return rows.clone() if rows.data_ptr() % 16 else rows
+def takes_quantized_rows(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
+    """Whether ``layers`` (one Linear, or q/k/v sharing x) run the fp8 row-wise GEMM on x [..., K] with K unpadded,
+    so the per-token step producing x may hand them ``quant_gemm.quantized_output(step, ...)`` instead of x: the
+    step and the activation quantization become one generated kernel. False on CUDA without generated kernels
+    (there the steps run over token chunks to bound memory)."""
+    if x.is_cuda and not runs_compiled(x):
+        return False
+    return _fusable_kernel(layers, x) is Kernel.FP8_ROWWISE and layers[0].k_pad == layers[0].in_features
 
 
 def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Kernel]:
@@ -151,39 +153,17 @@ def _fusable_kernel(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Ke
     return None
 
 
-def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor, name: str) -> list[torch.Tensor]:
+def _fused_fp8_rowwise(layers: Sequence["QuantLinear"], a: QuantizedRows, name: str) -> list[torch.Tensor]:
     """One row-wise fp8 GEMM (named ``name`` in errors) for several fp8 layers: their weights [sum n_pad, k_pad] and
-    [1, sum n_pad] scales concatenated, the activation rows [M, K] (contiguous) quantized once; returns each layer's
+    [1, sum n_pad] scales concatenated, over the quantized activations ``a``; returns each layer's
     [M, out_features] (column slices)."""
     operands = [layer._fp8_operands() for layer in layers]
     w8, scale_b = torch.cat([w for w, _ in operands]), torch.cat([scale for _, scale in operands], dim=1)
-    biases = [layer._bias_as(rows.dtype, padded=True) for layer in layers]
+    biases = [layer._bias_as(a.dtype, padded=True) for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
-    y = _fp8_rowwise_gemm(name, rows, w8, scale_b, bias, layers[0])
+    y = fp8_rowwise_gemm(name, a, w8, scale_b, bias, layers[0].use_fast_accum)
     parts = y.split([layer.n_pad for layer in layers], dim=1)
     return [part[:, :layer.out_features] for part, layer in zip(parts, layers)]
-
-
-def _shared_fp8_rowwise(layers: Sequence["QuantLinear"], rows: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Each fp8 layer's [M, out_features] for activation rows [M, K] (contiguous) quantized once, one GEMM per
-    layer as it is consumed."""
-    quantized = quantize_rows_e4m3(rows, layers[0].k_pad - layers[0].in_features)
-    for layer in layers:
-        yield layer._run_fp8_rowwise(rows, quantized)
-
-
-def _fp8_rowwise_gemm(name: str, rows: torch.Tensor, w8: torch.Tensor, scale_b: torch.Tensor,
-                      bias: Optional[torch.Tensor], layer: "QuantLinear",
-                      quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """rows [M, K] contiguous -> [M, n_pad] of the rows' dtype: per-token e4m3 activations x e4m3 weight [n_pad,
-    k_pad] (passed transposed, column-major); the bias is fused into the GEMM except for float32 outputs.
-    ``quantized``: the rows' e4m3 [M, k_pad] and scales [M, 1] when already made (shared by several layers)."""
-    a, scale_a = quantized or quantize_rows_e4m3(rows, layer.k_pad - layer.in_features)
-    fuse_bias = rows.dtype != torch.float32
-    op = GemmOperands(name, Kernel.FP8_ROWWISE, a, w8.t(), scale_a, scale_b, bias if fuse_bias else None,
-                      rows.dtype)
-    y = _scaled_mm(op, layer.use_fast_accum)
-    return y if fuse_bias or bias is None else y + bias
 
 
 class CastLinear(nn.Linear):
@@ -393,12 +373,23 @@ class QuantLinear(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+    def forward(self, x: Union[torch.Tensor, QuantizedRows]) -> torch.Tensor:
+        """x [..., in_features] (or the :class:`QuantizedRows` of its producer, see :func:`takes_quantized_rows`)
+        -> [..., out_features] of x's dtype."""
+        if x.shape[-1] not in (self.in_features, self.k_pad if isinstance(x, QuantizedRows) else -1):
             raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != in_features {self.in_features}")
         kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
-        y = getattr(self, _RUNNERS[kernel])(_gemm_rows(x, self.layer_name))
+        if isinstance(x, QuantizedRows):
+            if kernel is not Kernel.FP8_ROWWISE:
+                raise ValueError(f"{self.layer_name}: got activations quantized by the op that produced them, but "
+                                 f"this layer runs {kernel.value}; produce them with takes_quantized_rows first")
+            y = self._run_fp8_rowwise(x)
+        else:
+            y = getattr(self, _RUNNERS[kernel])(gemm_rows(x, self.layer_name))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _quantized(self, rows: torch.Tensor) -> QuantizedRows:
+        return quantize_rows(rows, self.k_pad - self.in_features, tuple(rows.shape[:-1]))
 
     def _bias_as(self, dtype: torch.dtype, padded: bool) -> Optional[torch.Tensor]:
         if self.bias is None:
@@ -414,18 +405,18 @@ class QuantLinear(nn.Module):
         check_operands(GemmOperands(self.layer_name, Kernel.DENSE, rows, w.t(), bias=bias, out_dtype=rows.dtype))
         return F.linear(rows, w, bias)
 
-    def _run_fp8_rowwise(self, rows: torch.Tensor,
-                         quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def _run_fp8_rowwise(self, rows: Union[torch.Tensor, QuantizedRows]) -> torch.Tensor:
+        a = rows if isinstance(rows, QuantizedRows) else self._quantized(rows)
         w8, scale_b = self._fp8_operands()
-        bias = self._bias_as(rows.dtype, padded=True)
-        return self._crop(_fp8_rowwise_gemm(self.layer_name, rows, w8, scale_b, bias, self, quantized))
+        bias = self._bias_as(a.dtype, padded=True)
+        return self._crop(fp8_rowwise_gemm(self.layer_name, a, w8, scale_b, bias, self.use_fast_accum))
 
     def _run_fp8_tensorwise(self, rows: torch.Tensor) -> torch.Tensor:
         w8, scale_b = self._fp8_operands()
         a, scale_a = quantize_tensor_e4m3(rows, self.k_pad - self.in_features)
         one = torch.ones((), dtype=torch.float32, device=rows.device)
         op = GemmOperands(self.layer_name, Kernel.FP8_TENSORWISE, a, w8.t(), scale_a, one, None, torch.float32)
-        y = _scaled_mm(op, self.use_fast_accum) * scale_b
+        y = scaled_mm(op, self.use_fast_accum) * scale_b
         if self.bias is not None:
             y = y + self._bias_as(torch.float32, padded=True)
         return self._crop(y).to(rows.dtype)
@@ -435,24 +426,13 @@ class QuantLinear(nn.Module):
         a, a_scale, a_global = quantize_nvfp4_activations(padded)
         op = GemmOperands(self.layer_name, Kernel.NVFP4_NATIVE, a, self.weight.t(), swizzle_block_scales(a_scale),
                           swizzle_block_scales(self.weight_scale), None, rows.dtype)
-        y = _scaled_mm(op, False) * (a_global * self.weight_scale_2).to(rows.dtype)
+        y = scaled_mm(op, False) * (a_global * self.weight_scale_2).to(rows.dtype)
         bias = self._bias_as(rows.dtype, padded=True)
         return self._crop(y if bias is None else y + bias)
 
 
 _RUNNERS = {Kernel.DENSE: "_run_dense", Kernel.FP8_ROWWISE: "_run_fp8_rowwise",
             Kernel.FP8_TENSORWISE: "_run_fp8_tensorwise", Kernel.NVFP4_NATIVE: "_run_nvfp4_native"}
-
-
-def _scaled_mm(op: GemmOperands, use_fast_accum: bool) -> torch.Tensor:
-    """The only ``torch._scaled_mm`` call: validates ``op`` first; returns [M, N] of ``op.out_dtype``."""
-    check_operands(op)
-    a, b = op.a, op.b
-    if op.kernel is Kernel.NVFP4_NATIVE:
-        a, b = a.view(torch.float4_e2m1fn_x2), b.t().view(torch.float4_e2m1fn_x2).t()
-    out = torch._scaled_mm(a, b, scale_a=op.scale_a, scale_b=op.scale_b, bias=op.bias, out_dtype=op.out_dtype,
-                           use_fast_accum=use_fast_accum)
-    return out[0] if isinstance(out, tuple) else out
 
 
 class _FP8Linear(QuantLinear):

@@ -5,7 +5,9 @@ Dry run of the logic on a CPU: python benchmarks/linear_bench.py --device cpu --
 
 Each row: one layer ``y = x W^T + b`` with x [M, K] bf16 and W [N, K] drawn like trained weights (Gaussian rows
 whose scales spread log-uniformly over 1e-3..1e-1), timed with CUDA events (median of --reps repetitions of 3
-back-to-back calls, after --warmup calls; per-call weight dequantization and activation quantization included). TFLOP/s = 2 M N K / time.
+back-to-back calls, after --warmup calls; per-call weight dequantization and activation quantization included;
+the ", input quantized by its producer" rows time a layer whose input arrives quantized, as the model's norms and
+GELU hand it to q/k/v, the queries and the FFN, so there the GEMM is the layer). TFLOP/s = 2 M N K / time.
 Error = ||y - ref|| / ||ref|| against F.linear in float32 on the bf16 weight (the bf16 row shows bf16's own error).
 bytes/weight = weight plus scale storage per weight element. Writes linear_bench.json and linear_bench.md to --out.
 """
@@ -31,6 +33,7 @@ import packimport  # noqa: E402
 packimport.register()
 from infinitetalk.fp8_optimization import QUANT_MODES, bytes_per_weight, ops_for  # noqa: E402
 from infinitetalk.quant_formats import Kernel, quantize_rows_e4m3  # noqa: E402
+from infinitetalk.quant_gemm import quantize_rows  # noqa: E402
 
 WAN_SHAPES = "5120x5120,13824x5120,5120x13824"  # N x K: attention q/k/v/o, FFN up, FFN down
 INNER = 3  # back-to-back calls per timed repetition
@@ -131,8 +134,12 @@ def bench_shape(n: int, k: int, args, device: torch.device) -> list[Row]:
                 rows.append(Row(shape, label, f"failed: {type(err).__name__}", math.nan, math.nan, math.nan,
                                 math.nan, math.nan, 0.0))
                 continue
-            r = rows[-1]
-            print(f"  {label:38s} {r.kernel:14s} {r.ms:8.3f} ms  x{r.speedup:5.2f}  err {r.rel_error:.4f}", flush=True)
+            if override is None and fast_accum is None and rows[-1].kernel == Kernel.FP8_ROWWISE.value:
+                rows.append(_bench_variant(shape, f"{label}, input quantized by its producer", mode, None, None,
+                                           (weight, bias, x, ref), args, (timer, flop, base_ms), producer=True))
+            for r in rows[-2 if rows[-1].variant.endswith("producer") else -1:]:
+                print(f"  {r.variant:38s} {r.kernel:14s} {r.ms:8.3f} ms  x{r.speedup:5.2f}  err {r.rel_error:.4f}",
+                      flush=True)
         try:
             rows += _component_rows(shape, weight, x, args, timer, flop, base_ms)
         except (RuntimeError, ValueError) as err:
@@ -140,7 +147,9 @@ def bench_shape(n: int, k: int, args, device: torch.device) -> list[Row]:
     return rows
 
 
-def _bench_variant(shape, label, mode, override, fast_accum, problem, args, timing) -> Row:
+def _bench_variant(shape, label, mode, override, fast_accum, problem, args, timing, producer=False) -> Row:
+    """One layer of ``mode``; ``producer``: its input comes quantized per token by the op that made it (as the
+    model runs q/k/v, the cross-attention and audio queries, FFN up and FFN down), so the time is the GEMM's."""
     weight, bias, x, ref = problem
     timer, flop, base_ms = timing
     t0 = time.perf_counter()
@@ -149,6 +158,8 @@ def _bench_variant(shape, label, mode, override, fast_accum, problem, args, timi
     if fast_accum is not None:
         layer.use_fast_accum = fast_accum
     kernel = override or ops_for(mode).kernel_for(x.device)
+    if producer:
+        x = quantize_rows(x.reshape(-1, x.shape[-1]), layer.k_pad - layer.in_features, tuple(x.shape[:-1]))
     y = layer(x)
     setup = time.perf_counter() - t0
     ms = timer(lambda: layer(x), args.warmup, args.reps)

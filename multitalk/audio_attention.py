@@ -17,6 +17,7 @@ from torch import nn
 from ..attention import AttentionBackend
 from ..fp8_optimization import Ops
 from ..wanvideo.config import AudioConfig, WanConfig
+from ..wanvideo.model import Activation
 from ..wanvideo.rope import apply_rope, rope_table_1d
 
 MAP_CHUNK_ELEMENTS = 1 << 26
@@ -95,9 +96,10 @@ class SingleStreamMutiAttention(nn.Module):
         self.kv_linear = ops.Linear(cfg.audio.output_dim, cfg.dim * 2)
         self.proj = ops.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor, audio: torch.Tensor, grid: tuple[int, int, int],
+    def forward(self, x: Activation, audio: torch.Tensor, grid: tuple[int, int, int],
                 q_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, S, dim]; audio [B·F, N_a, C]; q_positions [B, S] enables class RoPE (two speakers).
+        """x [B, S, dim] (or its QuantizedRows); audio [B·F, N_a, C]; q_positions [B, S] enables class RoPE (two
+        speakers).
 
         Returns [B, S, dim] in x's dtype.
         """

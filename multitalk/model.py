@@ -18,7 +18,7 @@ from ..fp8_optimization import Ops, QuantMode, ops_for
 from ..wanvideo import checkpoint
 from ..wanvideo.config import AudioConfig, WanConfig
 from ..wanvideo.layers import WanLayerNorm
-from ..wanvideo.model import BlockContext, WanAttentionBlock, WanModel, WanSelfAttention
+from ..wanvideo.model import Activation, BlockContext, WanAttentionBlock, WanModel, WanSelfAttention
 from ..wanvideo.rope import RopeTable
 from .audio_attention import SingleStreamMutiAttention, speaker_map, speaker_positions, token_masks
 
@@ -77,7 +77,7 @@ def audio_windows(audio: torch.Tensor, acfg: AudioConfig) -> tuple[torch.Tensor,
 class InfiniteTalkSelfAttention(WanSelfAttention):
     """Self-attention that also returns the speaker map [B, 3, S] (float32) when masks are given, else None."""
 
-    def forward(self, x: torch.Tensor, rope: RopeTable, grid: tuple[int, int, int] = (0, 0, 0),
+    def forward(self, x: Activation, rope: RopeTable, grid: tuple[int, int, int] = (0, 0, 0),
                 masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         q, k, v = self.qkv(x, rope)
         with torch.no_grad():
@@ -96,15 +96,16 @@ class InfiniteTalkBlock(WanAttentionBlock):
         self.norm_x = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
         self.audio_cross_attn = SingleStreamMutiAttention(cfg, ops, attention)
 
-    def self_attention(self, u: torch.Tensor, ctx: AudioBlockContext) -> tuple[torch.Tensor, Any]:
+    def self_attention(self, u: Activation, ctx: AudioBlockContext) -> tuple[torch.Tensor, Any]:
         """Self-attention output and the speaker map [B, 3, S] (None without masks)."""
         return self.self_attn(u, ctx.rope, ctx.grid, ctx.masks)
 
     def after_cross_attn(self, x: torch.Tensor, extra: Any, ctx: AudioBlockContext) -> torch.Tensor:
         """x + audio cross-attention of norm_x(x); class RoPE from the speaker map when there are two speakers."""
         positions = speaker_positions(extra, self.audio_cfg) if ctx.n_speakers > 1 else None
-        return torch.add(x, self.audio_cross_attn(self.norm_x(x), ctx.audio, ctx.grid, positions),
-                         alpha=ctx.audio_scale)
+        audio_attn = self.audio_cross_attn
+        normed = self.norm_x(x, (audio_attn.q_linear,))
+        return torch.add(x, audio_attn(normed, ctx.audio, ctx.grid, positions), alpha=ctx.audio_scale)
 
 
 class InfiniteTalkModel(WanModel):

@@ -13,13 +13,15 @@ over chunks of :data:`TOKEN_CHUNK` tokens. Either way no full-size float32 copy 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..compiled_kernels import fused, runs_compiled
+from ..fp8_optimization import takes_quantized_rows
+from ..quant_gemm import QuantizedRows, quantized_output
 
 
 TOKEN_CHUNK = 4096
@@ -44,10 +46,15 @@ def by_token_chunks(fn: Callable[..., torch.Tensor], dtype: torch.dtype, x: torc
 
 
 def per_token(math: Callable[..., torch.Tensor], x: torch.Tensor, rows: tuple[torch.Tensor, ...] = (),
-              consts: tuple = (), dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              consts: tuple = (), dtype: Optional[torch.dtype] = None,
+              consumers: Sequence[nn.Module] = ()) -> Union[torch.Tensor, QuantizedRows]:
     """``math(x, *rows, *consts)`` for a per-token ``math`` that returns ``dtype`` (default x's); ``rows`` are
     tensors with x's token dim (-2), ``consts`` anything broadcast over the tokens. One generated kernel where
-    ``compiled_kernels.runs_compiled(x)``, else :func:`by_token_chunks`."""
+    ``compiled_kernels.runs_compiled(x)``, else :func:`by_token_chunks`. When the Linears ``consumers`` (the
+    result's only users) run the fp8 row-wise GEMM (``fp8_optimization.takes_quantized_rows``), the result comes
+    quantized for them, made in the same kernel (``QuantizedRows``)."""
+    if consumers and takes_quantized_rows(consumers, x):
+        return quantized_output(math, x, *rows, *consts)
     if runs_compiled(x):
         return fused(dynamic_rows=True)(math)(x, *rows, *consts)
     return by_token_chunks(lambda *parts: math(*parts, *consts), dtype or x.dtype, x, *rows)
@@ -92,13 +99,15 @@ class WanLayerNorm(nn.LayerNorm):
                  dtype=None) -> None:
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_token(_layer_norm_math, x, consts=self._affine())
+    def forward(self, x: torch.Tensor, consumers: Sequence[nn.Module] = ()) -> Union[torch.Tensor, QuantizedRows]:
+        """x [..., dim] -> x's dtype (quantized for ``consumers`` that take it, see :func:`per_token`)."""
+        return per_token(_layer_norm_math, x, consts=self._affine(), consumers=consumers)
 
-    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                  consumers: Sequence[nn.Module] = ()) -> Union[torch.Tensor, QuantizedRows]:
         """``modulate(self(x), shift, scale)`` (same values) as one step: x [B, S, dim]; shift/scale float32
-        [B, 1, dim]; returns x's dtype."""
-        return per_token(_norm_modulate_math, x, consts=(*self._affine(), shift, scale))
+        [B, 1, dim]; returns x's dtype (quantized for ``consumers`` that take it, see :func:`per_token`)."""
+        return per_token(_norm_modulate_math, x, consts=(*self._affine(), shift, scale), consumers=consumers)
 
     def _affine(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
         weight = None if self.weight is None else self.weight.float()
@@ -161,6 +170,25 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
     normed [B, S, dim]; shift/scale float32 [B, 1, dim].
     """
     return per_token(_modulate_math, normed, consts=(shift, scale))
+
+
+class FeedForward(nn.Sequential):
+    """The block's FFN: ``0`` Linear dim -> ffn_dim, ``1`` GELU (tanh), ``2`` Linear ffn_dim -> dim.
+
+    x [..., dim] (or its QuantizedRows, made for ``0``) -> [..., dim]. When ``2`` runs the fp8 row-wise GEMM the
+    GELU output comes quantized for it from the same kernel (see :func:`per_token`); the GELU math is the same.
+    """
+
+    def forward(self, x: Union[torch.Tensor, QuantizedRows]) -> torch.Tensor:
+        up, act, down = self
+        hidden = up(x)
+        if takes_quantized_rows((down,), hidden):
+            return down(quantized_output(_gelu_math, hidden, act.approximate))
+        return down(act(hidden))
+
+
+def _gelu_math(hidden: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(hidden.float(), approximate=approximate).to(hidden.dtype)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -9,20 +9,25 @@ devices; activations are created on the device of the input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..attention import AttentionBackend
 from ..fp8_optimization import Ops, QuantMode, ops_for, projections
+from ..quant_gemm import QuantizedRows
 from .config import WanConfig
-from .layers import MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual, sinusoidal_embedding_1d
+from .layers import (FeedForward, MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual,
+                     sinusoidal_embedding_1d)
 from .rope import RopeTable, norm_and_rotate, rope_table_3d
 
 FFN_CHUNK_TOKENS = 8192  # the FFN runs over token chunks of this size: its [S, ffn_dim] hidden state never exists whole
 CROSS_ATTN_CHUNK_TOKENS = 8192  # the text/image cross-attention's queries run over token chunks of this size
 KeysValues = tuple[torch.Tensor, torch.Tensor]
+# an attention input [B, S, dim], or its per-token fp8 quantization made by the step that produced it
+# (layers.per_token with consumers), when the projections reading it run the fp8 row-wise GEMM
+Activation = Union[torch.Tensor, QuantizedRows]
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(cfg.dim, eps=cfg.eps)
         self.norm_k = WanRMSNorm(cfg.dim, eps=cfg.eps)
 
-    def qkv(self, x: torch.Tensor, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: Activation, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected q, k (normed, rotated) and v, each [B, S, heads, head_dim] in x's dtype."""
         heads = (self.num_heads, self.head_dim)
         outputs = projections((self.q, self.k, self.v), x)
@@ -64,7 +69,7 @@ class WanSelfAttention(nn.Module):
         """Attention over all keys and the output projection: [B, S, heads, head_dim] -> [B, S, dim]."""
         return self.o(self.attention(q, k, v).flatten(2))
 
-    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    def forward(self, x: Activation, rope: RopeTable) -> torch.Tensor:
         return self.attend(*self.qkv(x, rope))
 
 
@@ -87,7 +92,7 @@ class WanT2VCrossAttention(WanSelfAttention):
         """Keys and values [B, L, heads, head_dim] of the text tokens ``context[:, n_img:]``."""
         return [self._project(context[:, n_img:], self.k, self.v, self.norm_k)]
 
-    def queries(self, x: torch.Tensor, keys_values: Sequence[KeysValues]) -> torch.Tensor:
+    def queries(self, x: Activation, keys_values: Sequence[KeysValues]) -> torch.Tensor:
         """x [B, s, dim] -> [B, s, dim]: the attention outputs over each (keys, values) pair, summed, then ``o``."""
         q = self._heads(self.norm_q(self.q(x)))
         out = None
@@ -96,7 +101,7 @@ class WanT2VCrossAttention(WanSelfAttention):
             out = part if out is None else out + part
         return self.o(out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, n_img: int = 0,
+    def forward(self, x: Activation, context: torch.Tensor, n_img: int = 0,
                 keys_values: Optional[Sequence[KeysValues]] = None) -> torch.Tensor:
         """x [B, s, dim] -> [B, s, dim]; ``keys_values`` (from :meth:`keys_values`) skips projecting the context."""
         return self.queries(x, keys_values if keys_values is not None else self.keys_values(context, n_img))
@@ -140,11 +145,11 @@ class WanAttentionBlock(nn.Module):
         cross_cls = WanI2VCrossAttention if cfg.model_type == "i2v" else WanT2VCrossAttention
         self.cross_attn = cross_cls(cfg, ops, attention)
         self.norm2 = WanLayerNorm(cfg.dim, cfg.eps)
-        self.ffn = nn.Sequential(ops.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
-                                 ops.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = FeedForward(ops.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                               ops.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def self_attention(self, u: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
+    def self_attention(self, u: Activation, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
         """Self-attention output [B, S, dim] and an extra value for :meth:`after_cross_attn` (None here)."""
         return self.self_attn(u, ctx.rope), None
 
@@ -154,7 +159,8 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, extra = self.self_attention(self.norm1.modulated(x, shift1, scale1), ctx)
+        qkv = (self.self_attn.q, self.self_attn.k, self.self_attn.v)
+        y, extra = self.self_attention(self.norm1.modulated(x, shift1, scale1, qkv), ctx)
         x = gated_residual(x, y, gate1)
         x = self.cross_attention(x, ctx)
         x = self.after_cross_attn(x, extra, ctx)
@@ -165,8 +171,9 @@ class WanAttentionBlock(nn.Module):
         chunks of :data:`CROSS_ATTN_CHUNK_TOKENS` tokens (per-token math, so equal to the whole; at 832x480x81 this
         keeps the normed input, q, the attention outputs and the projection to one chunk each)."""
         keys_values = self.cross_attn.keys_values(ctx.context, ctx.n_img)
-        return by_token_chunks(lambda part: part + self.cross_attn(self.norm3(part), ctx.context, ctx.n_img,
-                                                                   keys_values),
+        queries = (self.cross_attn.q,)
+        return by_token_chunks(lambda part: part + self.cross_attn(self.norm3(part, queries), ctx.context,
+                                                                   ctx.n_img, keys_values),
                                x.dtype, x, chunk=CROSS_ATTN_CHUNK_TOKENS)
 
     def feed_forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -175,7 +182,7 @@ class WanAttentionBlock(nn.Module):
         op is per token, so the result equals the unchunked one; at 832x480x81 the activation peak drops by the
         [S, 13824] hidden state and the float32 temporaries)."""
         def step(part: torch.Tensor) -> torch.Tensor:
-            return gated_residual(part, self.ffn(self.norm2.modulated(part, shift, scale)), gate)
+            return gated_residual(part, self.ffn(self.norm2.modulated(part, shift, scale, (self.ffn[0],))), gate)
 
         return by_token_chunks(step, x.dtype, x, chunk=FFN_CHUNK_TOKENS)
 

@@ -1,12 +1,13 @@
 """The DiT's per-token float32 steps as generated kernels on a CUDA GPU (wanvideo.layers.per_token): each equals
 its eager form within bf16 rounding, for batches of 1 and 2, odd token counts and strided inputs; it really runs
 as a generated kernel, keeps no float32 copy of the activation in memory, and a whole model forward agrees with
-the eager run."""
+the eager run, also in fp8 _fast where the norms and the GELU hand their Linears the input already quantized."""
 import pytest
 import torch
 
 from infinitetalk.attention import resolve
 from infinitetalk.compiled_kernels import eager_kernels, runs_compiled
+from infinitetalk.fp8_optimization import takes_quantized_rows
 from infinitetalk.wanvideo.layers import WanLayerNorm, WanRMSNorm, gated_residual, modulate
 from infinitetalk.wanvideo.rope import apply_rope, norm_and_rotate, rope_table_3d
 from tiny_infinitetalk import forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
@@ -89,3 +90,25 @@ def test_model_forward_with_fused_steps_matches_the_eager_run(tmp_path):
         eager = forward(model, inputs).float()
     assert torch.isfinite(fused).all()
     assert float((fused - eager).norm() / eager.norm()) < 5e-3
+
+
+def test_fp8_model_with_producer_quantization_matches_the_eager_run(tmp_path, monkeypatch):
+    """fp8 _fast on an fp8-GEMM GPU: the norms and the GELU hand their consumers QuantizedRows made in the same
+    generated kernel (5 per block); the output stays within fp8 noise of the eager run, where every Linear
+    quantizes its own bf16 input."""
+    from infinitetalk.wanvideo import layers as wan_layers
+
+    cfg = tiny_config(2)
+    model = load_on_cuda(write_weights(cfg, tmp_path / "tiny.safetensors"), "fp8_e4m3fn_scaled_fast",
+                         resolve("sdpa", "cuda", torch.bfloat16))
+    if not takes_quantized_rows((model.blocks[0].ffn[0],), torch.zeros(1, 16, cfg.dim, device="cuda").bfloat16()):
+        pytest.skip("this GPU has no fp8 row-wise GEMM")
+    made, real = [], wan_layers.quantized_output
+    monkeypatch.setattr(wan_layers, "quantized_output", lambda math, x, *a: made.append(math) or real(math, x, *a))
+    inputs = tiny_inputs(cfg)
+    fused = forward(model, inputs).float()
+    assert len(made) == 5 * cfg.num_layers
+    with eager_kernels():
+        eager = forward(model, inputs).float()
+    assert len(made) == 5 * cfg.num_layers and torch.isfinite(fused).all()
+    assert float((fused - eager).norm() / eager.norm()) < 2e-2

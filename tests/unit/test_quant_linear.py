@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from cpu_scaled_mm import rowwise_scaled_mm_on_cpu
 
 from infinitetalk.fp8_optimization import (QUANT_MODES, CastLinear, MXFP4Linear, NVFP4Linear, QuantMode,
                                            assign_layer_names, bytes_per_weight, ops_for)
@@ -14,21 +15,12 @@ from infinitetalk.quant_kernel_choice import select_kernel, self_test
 from infinitetalk.quant_formats import (E4M3, GemmOperands, Kernel, check_operands, e2m1_decode, e2m1_encode,
                                         quantize_nvfp4, relative_error, swizzle_block_scales)
 
+
 QUANTIZED = [m for m in QUANT_MODES if m != "disabled"]
 FAST = [m for m in QUANTIZED if ops_for(m).Linear.kernels[0] is not Kernel.DENSE]
 
 
-def _cpu_rowwise_scaled_mm() -> bool:
-    """Whether this torch's CPU ``_scaled_mm`` emulates row-wise scales (2.14 does; 2.11 only tensor-wise)."""
-    a = torch.ones(16, 16).to(E4M3)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
-    except RuntimeError:
-        return False
-    return True
-
-
-CPU_GEMMS = [Kernel.FP8_TENSORWISE] + ([Kernel.FP8_ROWWISE] if _cpu_rowwise_scaled_mm() else [])
+CPU_GEMMS = [Kernel.FP8_TENSORWISE] + ([Kernel.FP8_ROWWISE] if rowwise_scaled_mm_on_cpu() else [])
 
 
 def trained_like(n: int, k: int, seed: int = 0) -> torch.Tensor:
