@@ -2,23 +2,28 @@
 
 Recipe (SageAttention-2-like: INT8 Q·Kᵀ, FP8 P·V):
 
-- Q: INT8 with one scale per row. K: minus its mean over the sequence (every score of a query row moves by the same
-  amount, so softmax is unchanged), INT8 with one scale per head. The K scale, 1/√D and log2 e are folded into
-  Q's per-row factor. V: e4m3 with one scale per channel, stored transposed (Vᵀ, keys contiguous).
+- Q: INT8 with one scale per row; 1/√D and log2 e are folded into Q's per-row factor. K: minus its mean over the
+  whole sequence (every score of a query row moves by the same amount, so softmax is unchanged; and a row's scores
+  then average to 0, so its largest is >= 0 up to rounding), INT8 with one scale per block of 128 keys (the kernel's key tile), so
+  a block of small keys keeps its resolution next to large ones. V: e4m3 with one scale per channel, stored
+  transposed (Vᵀ, keys contiguous).
 - Kernel: online softmax in base 2 in float32. The int32 scores are read as float32 by adding the bits of 1.5·2²³
-  (exact for |score| < 2²²; the offset cancels against the row max), so no int-to-float instruction runs.
-  P = 448·2^(s − m) rounded to e4m3 is the register operand of the e4m3 P·V GEMM, whose fresh float32 result is
-  added to the rescaled accumulator (two-level accumulation); l sums the float32 P.
+  (exact for |score| < 2²²), so no int-to-float instruction runs. Per key tile, c = Q's row factor · the block's K
+  scale (per row) turns an offset score f into the real score (f − 1.5·2²³)·c; the running max m is kept in real
+  units and P = 448·2^(f·c − (1.5·2²³·c + m − log2 448)) costs one FMA per score. P rounded to e4m3 is the
+  register operand of the e4m3 P·V GEMM, whose fresh float32 result is added to the rescaled accumulator
+  (two-level accumulation); l sums the float32 P.
 - Sequences are padded to 128 with zero rows and the loop runs over whole key blocks: a padded key scores exactly
-  the offset, so its share of l is known and removed at the end (no masked tail block).
+  real 0 (so it never raises m above a row's real maximum, which is >= 0), its P is known from the last tile's
+  numbers and is removed from l at the end (no masked tail block).
 - Two forms of the one kernel (:class:`Form`). Warp-specialized (``tl.range(warp_specialize=True)``: a TMA
   producer warp group and two consumer warp groups of 64 query rows each, 128x128 tiles), used where this Triton
   compiles it for the GPU (sm_90) and it agrees with the plain form on a probe (:func:`form_for`). Else the plain
   form (64x128 tiles, 4 warps, two programs per SM), whose P columns are permuted so that the GEMM takes P from
   the score registers without shuffles (Vᵀ is stored in the matching key order); the warp-specialization pass
   rejects that permutation, so its consumers convert P's layout with shuffles.
-- Quantization: one pass over K and V for statistics (K channel sum / max / min, V channel max |v|), one tiny
-  kernel reducing them per head, then one pass each writing Q, K and Vᵀ.
+- Quantization: one pass over K and V for statistics (K channel sum, V channel max |v|), one tiny kernel reducing
+  them per head, then one pass each writing Q, K (and its block scales) and Vᵀ.
 
     fp8_attention(q, k, v) -> out
     q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16, NHD with a contiguous last dim, D in {64, 128};
@@ -45,13 +50,13 @@ from triton.errors import TritonError
 PAD = 128  # sequence padding of the quantized buffers (a multiple of every block size)
 LOG2E = 1.4426950408889634
 STATS_ROWS, STATS_STEPS = 64, 16  # the statistics pass: rows per step, steps per program
-QUANT_ROWS = 64  # rows per program of the Q and K quantization passes
+QUANT_ROWS = 64  # rows per program of the Q quantization pass (K's: one block of PAD keys, its scale's block)
 FP8_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))  # P = 448 · 2^(s − m): the full e4m3 range
 MAGIC_I = tl.constexpr(0x4B400000)  # bits of 1.5·2²³: int32 s + MAGIC_I read as float32 is 1.5·2²³ + s
 MAGIC_F = tl.constexpr(12582912.0)
-M_START = tl.constexpr(8388608.0)  # 2²³, below every offset score and finite (a zero row factor gives no NaN)
+M_START = tl.constexpr(-1.0e30)  # the running max before the first tile: finite, so exp2(M_START − m) is 0, no NaN
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ class Form:
     stages: int
 
 
-# 2 stages: on an H100 the 3-stage build's outputs differed from the same arithmetic without warp specialization
-# (a race, presumably); the 2-stage build's matched them
+# block_n is PAD, the block of the K scales. 2 stages: on an H100 the 3-stage build's outputs differed from the same
+# arithmetic without warp specialization (a race, presumably); the 2-stage build's matched them
 WS_FORM = Form(ws=True, block_m=128, block_n=128, warps=4, stages=2)
 PLAIN_FORM = Form(ws=False, block_m=64, block_n=128, warps=4, stages=3)
 
@@ -74,9 +79,11 @@ PLAIN_FORM = Form(ws=False, block_m=64, block_n=128, warps=4, stages=3)
 @dataclass(frozen=True)
 class Quantized:
     """Quantized operands (LQP, LKP: Lq, Lk padded to a multiple of 128; padded rows are zero): ``q`` INT8
-    [B·H, LQP, D]; ``q_factor`` float32 [B·H, LQP] = row scale · ``k_scale`` · log2 e / √D; ``k`` INT8
-    [B·H, LKP, D] of K minus its mean; ``k_scale`` float32 [B·H]; ``vt`` e4m3 [B·H, D, LKP] (Vᵀ over ``v_scale``,
-    keys permuted as :func:`_perm_p` for the plain form); ``v_scale`` float32 [B·H, D]."""
+    [B·H, LQP, D]; ``q_factor`` float32 [B·H, LQP] = row scale · log2 e / √D; ``k`` INT8 [B·H, LKP, D] of K minus
+    its mean over the Lk keys, over ``k_scale``; ``k_scale`` float32 [B·H, LKP / 128] = max |k − mean| over the
+    block's real keys / 127 (a block of zeros: a tiny positive floor); ``vt`` e4m3 [B·H, D, LKP] (Vᵀ over
+    ``v_scale``, keys permuted as :func:`_perm_p` for the plain form); ``v_scale`` float32 [B·H, D]. A real
+    base-2 score is q · k (as integers) · q_factor[row] · k_scale[key // 128]."""
 
     q: torch.Tensor
     q_factor: torch.Tensor
@@ -139,57 +146,40 @@ def _load_rows(X, bh, H, rows, L, sb, sl, sh, D: tl.constexpr):
 @triton.jit
 def _kv_stats(K, V, Part, Lk, H, skb, skl, skh, svb, svl, svh, D: tl.constexpr, ROWS: tl.constexpr,
               STEPS: tl.constexpr):
-    """Program (blk, b·h): ROWS·STEPS rows of K and V [B, Lk, H, D] -> Part [B·H, NB, 4, D] (K channel sum, max,
-    min; V channel max |v|)."""
+    """Program (blk, b·h): ROWS·STEPS rows of K and V [B, Lk, H, D] -> Part [B·H, NB, 2, D] (K channel sum, V
+    channel max |v|)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, D)
     k_sum = tl.zeros([D], tl.float32)
-    k_max = tl.full([D], float("-inf"), tl.float32)
-    k_min = tl.full([D], float("inf"), tl.float32)
     v_max = tl.zeros([D], tl.float32)
     for step in range(STEPS):
         rows = (blk * STEPS + step) * ROWS + tl.arange(0, ROWS)
-        valid = rows[:, None] < Lk
-        k = _load_rows(K, bh, H, rows, Lk, skb, skl, skh, D)
-        v = _load_rows(V, bh, H, rows, Lk, svb, svl, svh, D)
-        k_sum += tl.sum(k, 0)
-        k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, float("-inf")), 0))
-        k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, float("inf")), 0))
-        v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
-    out = Part + (bh.to(tl.int64) * tl.num_programs(0) + blk) * 4 * D + cols
+        k_sum += tl.sum(_load_rows(K, bh, H, rows, Lk, skb, skl, skh, D), 0)
+        v_max = tl.maximum(v_max, tl.max(tl.abs(_load_rows(V, bh, H, rows, Lk, svb, svl, svh, D)), 0))
+    out = Part + (bh.to(tl.int64) * tl.num_programs(0) + blk) * 2 * D + cols
     tl.store(out, k_sum)
-    tl.store(out + D, k_max)
-    tl.store(out + 2 * D, k_min)
-    tl.store(out + 3 * D, v_max)
+    tl.store(out + D, v_max)
 
 
 @triton.jit
-def _kv_reduce(Part, KMean, KScale, VScale, Lk, NB, D: tl.constexpr):
-    """Program b·h: Part [B·H, NB, 4, D] -> KMean [B·H, D], KScale [B·H] (max |k − mean| / 127) and VScale
-    [B·H, D] (max |v| / 448)."""
+def _kv_reduce(Part, KMean, VScale, Lk, NB, D: tl.constexpr):
+    """Program b·h: Part [B·H, NB, 2, D] -> KMean [B·H, D] and VScale [B·H, D] (max |v| / 448)."""
     bh = tl.program_id(0)
     cols = tl.arange(0, D)
     k_sum = tl.zeros([D], tl.float32)
-    k_max = tl.full([D], float("-inf"), tl.float32)
-    k_min = tl.full([D], float("inf"), tl.float32)
     v_max = tl.zeros([D], tl.float32)
     for i in range(NB):
-        part = Part + (bh * NB + i) * 4 * D + cols
+        part = Part + (bh * NB + i) * 2 * D + cols
         k_sum += tl.load(part)
-        k_max = tl.maximum(k_max, tl.load(part + D))
-        k_min = tl.minimum(k_min, tl.load(part + 2 * D))
-        v_max = tl.maximum(v_max, tl.load(part + 3 * D))
-    mean = k_sum / Lk
-    tl.store(KMean + bh * D + cols, mean)
-    k_range = tl.max(tl.maximum(k_max - mean, mean - k_min), 0)
-    tl.store(KScale + bh, tl.maximum(k_range, 1e-30) / INT8_MAX)
+        v_max = tl.maximum(v_max, tl.load(part + D))
+    tl.store(KMean + bh * D + cols, k_sum / Lk)
     tl.store(VScale + bh * D + cols, tl.maximum(v_max, 1e-30) / FP8_MAX)
 
 
 @triton.jit
-def _quant_q(X, Out, Factor, KScale, L, LP, H, sb, sl, sh, mult, D: tl.constexpr, ROWS: tl.constexpr):
+def _quant_q(X, Out, Factor, L, LP, H, sb, sl, sh, mult, D: tl.constexpr, ROWS: tl.constexpr):
     """Program (blk, b·h): ROWS rows of Q [B, L, H, D] -> INT8 Out [B·H, LP, D] (one scale per row) and Factor
-    [B·H, LP] = row scale · KScale[b·h] · mult."""
+    [B·H, LP] = row scale · mult."""
     blk, bh = tl.program_id(0), tl.program_id(1)
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
@@ -197,19 +187,22 @@ def _quant_q(X, Out, Factor, KScale, L, LP, H, sb, sl, sh, mult, D: tl.constexpr
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
     tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :],
              _to_int8(x * ((1.0 / amax) * INT8_MAX)[:, None]))
-    tl.store(Factor + bh.to(tl.int64) * LP + rows, amax / INT8_MAX * tl.load(KScale + bh) * mult)
+    tl.store(Factor + bh.to(tl.int64) * LP + rows, amax / INT8_MAX * mult)
 
 
 @triton.jit
 def _quant_k(X, Out, KMean, KScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr):
-    """Program (blk, b·h): ROWS rows of K [B, L, H, D] minus KMean[b·h], over KScale[b·h] -> INT8 Out
-    [B·H, LP, D] (rows >= L zero)."""
+    """Program (blk, b·h): block ``blk`` of ROWS keys of K [B, L, H, D] minus KMean[b·h] -> KScale[b·h, blk]
+    (max |k − mean| over the block's keys < L, over 127; floor 1e-30 / 127) and INT8 Out [B·H, LP, D] (rows >= L
+    zero)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
-    valid = rows[:, None] < L
-    y = (_load_rows(X, bh, H, rows, L, sb, sl, sh, D) - tl.load(KMean + bh * D + cols)[None, :]) * (1.0 / tl.load(KScale + bh))
-    y = tl.where(valid, tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX), 0.0)
+    y = _load_rows(X, bh, H, rows, L, sb, sl, sh, D) - tl.load(KMean + bh * D + cols)[None, :]
+    y = tl.where(rows[:, None] < L, y, 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(y), 1), 0), 1e-30)
+    tl.store(KScale + bh * tl.num_programs(0) + blk, amax / INT8_MAX)
+    y = tl.minimum(tl.maximum(y * (INT8_MAX / amax), -INT8_MAX), INT8_MAX)
     tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :], _to_int8(y))
 
 
@@ -230,11 +223,12 @@ def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.con
 
 # ------------------------------------------------------------------------------------------------ attention
 @triton.jit
-def _attn_fwd(Q, QF, K, Vt, VScale, Out, Lq, Lk, LQP, LKP, H, sob, sol, soh, D: tl.constexpr, BM: tl.constexpr,
+def _attn_fwd(Q, QF, K, KS, Vt, VScale, Out, Lq, Lk, LQP, LKP, H, sob, sol, soh, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, WS: tl.constexpr, INTERP: tl.constexpr):
-    """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: q, QF: q_factor, K: k, Vt: vt,
-    VScale: v_scale); writes Out [B, Lq, H, D] (strides sob, sol, soh). The TMA descriptors are made here, not on
-    the host: the warp-specialization pass splits the Q block between its consumer warp groups."""
+    """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: q, QF: q_factor, K: k, KS: k_scale,
+    Vt: vt, VScale: v_scale; BN = the K scale's block); writes Out [B, Lq, H, D] (strides sob, sol, soh). The TMA
+    descriptors are made here, not on the host: the warp-specialization pass splits the Q block between its
+    consumer warp groups."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     nbh = tl.num_programs(1)
     q_desc = tl.make_tensor_descriptor(Q, [nbh * LQP, D], [D, 1], [BM, D])
@@ -242,23 +236,35 @@ def _attn_fwd(Q, QF, K, Vt, VScale, Out, Lq, Lk, LQP, LKP, H, sob, sol, soh, D: 
     v_desc = tl.make_tensor_descriptor(Vt, [nbh * D, LKP], [LKP, 1], [D, BN])
     q = q_desc.load([bh * LQP + pid_m * BM, 0])
     qs = _load_f32(QF + bh * LQP + pid_m * BM + tl.arange(0, BM), INTERP)
-    m_i = tl.full([BM], M_START, tl.float32)
+    k_scales = KS + bh * (LKP // BN)
+    last = LKP // BN - 1
+    ks = _load_f32(k_scales, INTERP)  # the K scale of the tile to come, loaded one tile ahead
+    m_i = tl.full([BM], M_START, tl.float32)  # running max of the real base-2 scores
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     for start in tl.range(0, LKP, BN, warp_specialize=WS):
+        # per row: c, the real base-2 score of one integer unit; −1.5·2²³·c; log2 448 − 1.5·2²³·c (off the score path)
+        c = qs * ks
+        neg_off, bias = c * -MAGIC_F, tl.fma(c, -MAGIC_F, LOG2_FP8_MAX)
+        ks = _load_f32(k_scales + tl.minimum(start // BN + 1, last), INTERP)
         k = k_desc.load([bh * LKP + start, 0])
         f = (tl.dot(q, tl.trans(k)) + MAGIC_I).to(tl.float32, bitcast=True)  # = 1.5·2²³ + score, exact
-        m_new = tl.maximum(m_i, tl.max(f, 1))
-        alpha = tl.math.exp2((m_i - m_new) * qs)
-        p = tl.math.exp2(f * qs[:, None] - (m_new * qs - LOG2_FP8_MAX)[:, None])
+        m_new = tl.maximum(m_i, tl.fma(tl.max(f, 1), c, neg_off))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(tl.fma(f, c[:, None], (bias - m_new)[:, None]))  # 448 · 2^(score − m)
         l_i = l_i * alpha + tl.sum(p, 1)
         p8 = _to_fp8(p, INTERP)
         if not WS:
             p8 = _perm_p(p8, BM, BN)
         acc = acc * alpha[:, None] + tl.dot(p8, v_desc.load([bh * D, start]).T)
         m_i = m_new
-    # the padded keys (zero rows of K and V) scored 1.5·2²³ under the final m: remove their share of l
-    l_i = l_i - (LKP - Lk) * tl.math.exp2(tl.minimum((m_i - MAGIC_F) * -qs, 0.0) + LOG2_FP8_MAX)
+    # the padded keys (zero rows of K and V, all in the last tile) scored f = 1.5·2²³ there: remove their P from l,
+    # computed from the last tile's c (ks is still its scale) and the final m as in the loop, bit for bit. Real 0 is
+    # part of that tile's max, so this P is at most ~448; without padded keys it is not used (it would overflow if m
+    # were far below 0).
+    c = qs * ks
+    pad_p = tl.math.exp2(tl.fma(tl.full([BM], MAGIC_F, tl.float32), c, tl.fma(c, -MAGIC_F, LOG2_FP8_MAX) - m_i))
+    l_i = tl.where(LKP > Lk, l_i - (LKP - Lk) * pad_p, l_i)
     cols = tl.arange(0, D)
     out = acc * (tl.load(VScale + bh * D + cols)[None, :] / l_i[:, None])
     rows = pid_m * BM + tl.arange(0, BM)
@@ -283,19 +289,18 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: bool) -> Q
     lk = k.shape[1]
     lqp, lkp, bh, dev = _padded(lq), _padded(lk), b * h, q.device
     nb = triton.cdiv(lk, STATS_ROWS * STATS_STEPS)
-    part = torch.empty(bh, nb, 4, d, dtype=torch.float32, device=dev)
+    part = torch.empty(bh, nb, 2, d, dtype=torch.float32, device=dev)
     _kv_stats[(nb, bh)](k, v, part, lk, h, *k.stride()[:3], *v.stride()[:3], D=d, ROWS=STATS_ROWS,
                         STEPS=STATS_STEPS, num_warps=4)
     k_mean, v_scale = (torch.empty(bh, d, dtype=torch.float32, device=dev) for _ in range(2))
-    k_scale = torch.empty(bh, dtype=torch.float32, device=dev)
-    _kv_reduce[(bh,)](part, k_mean, k_scale, v_scale, lk, nb, D=d, num_warps=1)
+    _kv_reduce[(bh,)](part, k_mean, v_scale, lk, nb, D=d, num_warps=1)
     qi = torch.empty(bh, lqp, d, dtype=torch.int8, device=dev)
     factor = torch.empty(bh, lqp, dtype=torch.float32, device=dev)
-    _quant_q[(lqp // QUANT_ROWS, bh)](q, qi, factor, k_scale, lq, lqp, h, *q.stride()[:3], LOG2E / math.sqrt(d),
+    _quant_q[(lqp // QUANT_ROWS, bh)](q, qi, factor, lq, lqp, h, *q.stride()[:3], LOG2E / math.sqrt(d),
                                       D=d, ROWS=QUANT_ROWS, num_warps=4)
     ki = torch.empty(bh, lkp, d, dtype=torch.int8, device=dev)
-    _quant_k[(lkp // QUANT_ROWS, bh)](k, ki, k_mean, k_scale, lk, lkp, h, *k.stride()[:3], D=d, ROWS=QUANT_ROWS,
-                                      num_warps=4)
+    k_scale = torch.empty(bh, lkp // PAD, dtype=torch.float32, device=dev)
+    _quant_k[(lkp // PAD, bh)](k, ki, k_mean, k_scale, lk, lkp, h, *k.stride()[:3], D=d, ROWS=PAD, num_warps=8)
     vt = torch.empty(bh, d, lkp, dtype=torch.float8_e4m3fn, device=dev)
     _quant_v[(lkp // PAD, bh)](v, vt, v_scale, lk, lkp, h, *v.stride()[:3], D=d, ROWS=PAD, PERM=perm,
                                INTERP=_interpreting(), num_warps=8)
@@ -311,11 +316,13 @@ def attend(t: Quantized, lk: int, out: torch.Tensor, form: Form) -> torch.Tensor
     """Attention over the quantized operands ``t`` (``lk`` real keys) in ``form``, written into ``out``
     [B, Lq, H, D] (last dim contiguous); returns out."""
     bh, lqp, d = t.q.shape
+    if form.block_n != PAD:
+        raise ValueError(f"attend needs form.block_n == {PAD}, the block of the K scales; got {form.block_n}")
 
     def launch():
         triton.set_allocator(_scratch)  # runs in a copy of the caller's context: its allocator stays as it was
         _attn_fwd[(lqp // form.block_m, bh)](
-            t.q, t.q_factor, t.k, t.vt, t.v_scale, out, out.shape[1], lk, lqp, t.k.shape[1], out.shape[2],
+            t.q, t.q_factor, t.k, t.k_scale, t.vt, t.v_scale, out, out.shape[1], lk, lqp, t.k.shape[1], out.shape[2],
             *out.stride()[:3], D=d, BM=form.block_m, BN=form.block_n, WS=form.ws, INTERP=_interpreting(),
             num_warps=form.warps, num_stages=form.stages)
 

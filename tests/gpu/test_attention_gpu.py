@@ -182,6 +182,44 @@ def test_triton_8bit_kernel_forms(lq, lk, d):
     assert relative_error(strided, outs[T.WS_FORM]) < 1e-5
 
 
+def extreme_inputs(case: str, lq=700, h=4, d=128):
+    """q, k, v on the GPU (bf16) for :func:`test_triton_8bit_kernel_block_scales_and_extreme_scores`."""
+    gen = torch.Generator().manual_seed(1)
+    if case == "blocks":  # keys 0..127 100x larger than the rest, and orthogonal to every query
+        q = torch.cat([torch.zeros(1, lq, h, d // 2), torch.randn(1, lq, h, d // 2, generator=gen)], -1)
+        k = torch.randn(1, 1000, h, d, generator=gen)
+        k[:, :128, :, d // 2:] = 0
+        k[:, :128, :, :d // 2] *= 100
+        k[:, 128:, :, :d // 2] = 0
+    elif case == "negative":  # every raw score q·k/√D about −100, 119 padded keys
+        u = torch.randn(d, generator=gen)
+        q = 3 * u + 0.5 * torch.randn(1, lq, h, d, generator=gen)
+        k = -3 * u + torch.randn(1, 777, h, d, generator=gen)
+    else:  # one key, 127 padded keys
+        q, k = torch.randn(1, lq, h, d, generator=gen), torch.randn(1, 1, h, d, generator=gen)
+    return tuple(t.bfloat16().to(CUDA) for t in (q, k, torch.randn(k.shape, generator=gen)))
+
+
+@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
+@pytest.mark.parametrize("case", ["blocks", "negative", "one key"])
+def test_triton_8bit_kernel_block_scales_and_extreme_scores(case):
+    """K scaled per 128-key block: a block 100x larger than the rest leaves the small keys their resolution (one
+    scale per head: ~50 % error). Padded keys (real score 0) are removed from l exactly, also where every raw score
+    is far below 0. Both forms: finite, close to float32 math and to each other."""
+    if capability() != (9, 0):
+        pytest.skip("the Triton 8-bit kernel targets sm_90")
+    from infinitetalk import attention_triton as T
+
+    q, k, v = extreme_inputs(case)
+    ref = reference(q, k, v)
+    outs = {form: T.fp8_attention(q, k, v, form) for form in (T.WS_FORM, T.PLAIN_FORM)}
+    torch.cuda.synchronize()
+    for form, out in outs.items():
+        assert bool(torch.isfinite(out).all()), form
+        assert relative_error(out, ref) < 0.06, (form, relative_error(out, ref))
+    assert relative_error(outs[T.WS_FORM], outs[T.PLAIN_FORM]) < 1e-3
+
+
 @pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
 def test_triton_8bit_kernel_inside_the_infinitetalk_model():
     """The 8-bit kernel as ``sageattn`` runs it inside a (small, random) InfiniteTalk transformer: self-attention,

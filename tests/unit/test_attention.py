@@ -1,6 +1,7 @@
 """Attention back-ends on the CPU: every mode's path against a float64 reference, the layout contract the
 dispatcher gives each kernel, key padding, self-tests of registered kernels, logging, the Triton 8-bit kernel's
 numerics under Triton's interpreter."""
+import json
 import logging
 import math
 import os
@@ -340,7 +341,7 @@ def test_sageattention_probes(tmp_path, monkeypatch, version, fake_binding, v2, 
 
 
 TRITON_CHECK = """
-import math, sys
+import json, math, sys
 import torch
 sys.path.insert(0, {tools!r})
 import packimport
@@ -349,40 +350,101 @@ from infinitetalk import attention_triton as T
 from infinitetalk.attention import math_attention, relative_error
 gen = torch.Generator().manual_seed(0)
 heads_first = lambda x: x.float().transpose(1, 2).flatten(0, 1)
+
+
+def attend(q, k, v):
+    plain, ws = (T.fp8_attention(q, k, v, form) for form in (T.PLAIN_FORM, T.WS_FORM))
+    ref = math_attention(q.float(), k.float(), v.float())
+    return dict(out_err=relative_error(plain, ref), forms_diff=relative_error(ws, plain),
+                finite=bool(torch.isfinite(plain).all() and torch.isfinite(ws).all()))
+
+
 for b, lq, lk, h, d in [(1, 300, 200, 2, 64), (2, 130, 257, 1, 128), (1, 70, 40, 1, 64)]:
     q = torch.randn(b, h, lq, d, generator=gen).bfloat16().transpose(1, 2).contiguous()
     k, v = (torch.randn(b, lk, h, d, generator=gen) for _ in range(2))
     k, v = (k + 3 * torch.randn(d, generator=gen)).bfloat16(), v.bfloat16()  # k: a channel offset, to be removed
     t, tp = T.quantize(q, k, v, perm=False), T.quantize(q, k, v, perm=True)
-    ks = t.k_scale[:, None, None]
-    q_back = t.q.float()[:, :lq] * t.q_factor[:, :lq, None] / (ks * T.LOG2E / math.sqrt(d))
+    q_back = t.q.float()[:, :lq] * t.q_factor[:, :lq, None] / (T.LOG2E / math.sqrt(d))
+    k_back = t.k.float() * t.k_scale.repeat_interleave(T.PAD, 1)[..., None]
     k_ref = heads_first(k - k.float().mean(1, keepdim=True))
     v_back = t.vt.float()[..., :lk].transpose(-1, -2) * t.v_scale[:, None, :]
     a = torch.arange(t.vt.shape[-1])
     r = a % 32
     sigma = a - r + (r & 16) + ((r >> 2) & 3) * 2 + ((r >> 1) & 1) * 8 + (r & 1)  # key held at position a
     exact = (torch.equal(tp.vt.view(torch.uint8), t.vt.view(torch.uint8)[..., sigma])
-             and not t.k[:, lk:].any() and not t.vt.view(torch.uint8)[..., lk:].any())
-    plain, ws = (T.fp8_attention(q, k, v, form) for form in (T.PLAIN_FORM, T.WS_FORM))
-    ref = math_attention(q.float(), k.float(), v.float())
-    print(relative_error(q_back, heads_first(q)), relative_error(t.k.float()[:, :lk] * ks, k_ref),
-          relative_error(v_back, heads_first(v)), relative_error(plain, ref), relative_error(ws, plain),
-          int(exact and plain.is_contiguous() and plain.shape == q.shape and plain.dtype == q.dtype))
+             and t.k_scale.shape == (b * h, t.k.shape[1] // T.PAD) and not t.k[:, lk:].any()
+             and not t.vt.view(torch.uint8)[..., lk:].any())
+    plain = T.fp8_attention(q, k, v, T.PLAIN_FORM)
+    print(json.dumps(dict(case="shapes", q_err=relative_error(q_back, heads_first(q)),
+                          k_err=relative_error(k_back[:, :lk], k_ref), v_err=relative_error(v_back, heads_first(v)),
+                          exact=bool(exact and plain.is_contiguous() and plain.shape == q.shape
+                                     and plain.dtype == q.dtype), **attend(q, k, v))))
+
+# K blocks of very different magnitude: keys 0..127 are 100x larger than the rest but orthogonal to every query
+# (they score 0); the small keys carry the attention. One scale per head would round them to a few levels.
+lq, lk, d = 100, 300, 64
+q = torch.cat([torch.zeros(1, lq, 1, d // 2), torch.randn(1, lq, 1, d // 2, generator=gen)], -1)
+k = torch.randn(1, lk, 1, d, generator=gen)
+k[:, :128, :, d // 2:] = 0
+k[:, :128, :, :d // 2] *= 100
+k[:, 128:, :, :d // 2] = 0
+q, k, v = q.bfloat16(), k.bfloat16(), torch.randn(1, lk, 1, d, generator=gen).bfloat16()
+scales = T.quantize(q, k, v, perm=False).k_scale[0]
+print(json.dumps(dict(case="blocks", scale_ratio=float(scales[0] / scales[1:].max()), **attend(q, k, v))))
+
+# every raw score strongly negative (q·k/√D about −100) with 127 padded keys; constant K without padded keys
+# (all scores 0, every K block zero: the scale floor); a single key
+u = torch.randn(d, generator=gen)
+q = (3 * u + 0.5 * torch.randn(1, 90, 2, d, generator=gen)).bfloat16()
+k = (-3 * u + torch.randn(1, 129, 2, d, generator=gen)).bfloat16()
+print(json.dumps(dict(case="negative", **attend(q, k, torch.randn(1, 129, 2, d, generator=gen).bfloat16()))))
+k = torch.randn(1, 1, 2, d, generator=gen).expand(1, 256, 2, d).bfloat16().contiguous()
+print(json.dumps(dict(case="constant", **attend(q, k, torch.randn(1, 256, 2, d, generator=gen).bfloat16()))))
+k, v = (torch.randn(1, 1, 2, d, generator=gen).bfloat16() for _ in range(2))
+print(json.dumps(dict(case="one key", **attend(q, k, v))))
 """
 
 
-@pytest.mark.skipif(not ext.installed("triton"), reason="needs the triton package (its interpreter runs on CPU)")
-def test_triton_8bit_attention_numerics_in_the_interpreter():
+@pytest.fixture(scope="module")
+def triton_interpreted():
+    """The results of TRITON_CHECK, run once in a subprocess under TRITON_INTERPRET=1: {case: [result, ...]}."""
+    if not ext.installed("triton"):
+        pytest.skip("needs the triton package (its interpreter runs on CPU)")
     tools = str(Path(__file__).resolve().parents[2] / "tools")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_CHECK.format(tools=tools))], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [[float(x) for x in line.split()] for line in run.stdout.strip().splitlines()]
+    cases: dict[str, list[dict]] = {}
+    for line in run.stdout.strip().splitlines():
+        row = json.loads(line)
+        cases.setdefault(row.pop("case"), []).append(row)
+    return cases
+
+
+def test_triton_8bit_attention_numerics_in_the_interpreter(triton_interpreted):
+    rows = triton_interpreted["shapes"]
     assert len(rows) == 3
-    for q_err, k_err, v_err, out_err, forms_diff, exact in rows:
-        # INT8 Q (one scale per row) ~0.7 %, K minus its mean (one scale per head) ~1 %, e4m3 V (round to nearest
-        # even, emulated in the interpreter) ~2.5 %; the output adds e4m3 P: ~4 %. Both kernel forms do the same
-        # arithmetic in another order. exact: Vᵀ's permuted key order, zero padding, the output's layout.
-        assert q_err < 0.01 and k_err < 0.015 and v_err < 0.032 and out_err < 0.05, (q_err, k_err, v_err, out_err)
-        assert forms_diff < 1e-5 and exact == 1, (forms_diff, exact)
+    for row in rows:
+        # INT8 Q (one scale per row) ~0.7 %, K minus its mean (one scale per 128-key block) ~1 %, e4m3 V (round to
+        # nearest even, emulated in the interpreter) ~2.5 %; the output adds e4m3 P: ~4 %. Both kernel forms do the
+        # same arithmetic in another order. exact: Vᵀ's permuted key order, zero padding, shapes, the output's layout.
+        assert row["q_err"] < 0.01 and row["k_err"] < 0.015 and row["v_err"] < 0.032, row
+        assert row["out_err"] < 0.05 and row["forms_diff"] < 1e-5 and row["exact"], row
+
+
+def test_triton_8bit_attention_scales_k_per_block(triton_interpreted):
+    """Keys 100x apart in magnitude between the first 128-key block and the rest: each block keeps its own scale,
+    so the small keys, which carry the attention, keep their resolution: 4.4 % here (one scale per head: 51 %)."""
+    (row,) = triton_interpreted["blocks"]
+    assert 20 < row["scale_ratio"] < 200, row
+    assert row["finite"] and row["out_err"] < 0.06 and row["forms_diff"] < 1e-5, row
+
+
+@pytest.mark.parametrize("case", ["negative", "constant", "one key"])
+def test_triton_8bit_attention_padded_keys_and_extreme_scores(triton_interpreted, case):
+    """Padded keys score real 0 and are removed from l at the end: rows whose raw scores are all far below 0 (K
+    minus its mean brings their maximum back to >= 0), all-zero K blocks (every score 0, no padding) and a single
+    key (127 padded keys) stay finite and match float32 math."""
+    (row,) = triton_interpreted[case]
+    assert row["finite"] and row["out_err"] < 0.05 and row["forms_diff"] < 1e-5, row
