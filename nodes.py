@@ -981,13 +981,13 @@ class WanVideoSampler:
                 "use_tf32": ("BOOLEAN", _tip("Allow TF32 for float32 matmuls and convolutions during sampling.",
                                              default=False)),
                 "use_cublas_gemm": ("BOOLEAN", _tip(
-                    "Quantized layers run only cuBLAS/cuBLASLt GEMMs: activation quantization and weight "
-                    "dequantization run as plain torch ops instead of generated Triton kernels (slower; for "
-                    "debugging or when Triton misbehaves).", default=False)),
+                    "No generated Triton kernels: quantized layers run only cuBLAS/cuBLASLt GEMMs, and activation "
+                    "quantization, weight dequantization and the blocks' norm/modulation/RoPE steps run as plain "
+                    "torch ops (slower; for debugging or when Triton misbehaves).", default=False)),
                 "fuse_qkv_projections": ("BOOLEAN", _tip(
-                    "Run the q/k/v projections (and the cross-attention k/v pairs) as one GEMM each; the fp8 "
-                    "GEMM modes then quantize the activation once. Same results within rounding; layers with "
-                    "unmerged LoRAs run separately.", default=False)),
+                    "Run the q/k/v projections (and the cross-attention k/v pairs) as one GEMM each over their "
+                    "weights joined per call (the fp8 GEMM modes quantize the shared input once either way). Same "
+                    "results within rounding; layers with unmerged LoRAs run separately.", default=False)),
             },
         }
 
