@@ -43,12 +43,19 @@ def eager_kernels(enabled: bool = True) -> Iterator[None]:
         _EAGER.reset(token)
 
 
+@functools.cache
+def _triton_supports(device: torch.device) -> bool:
+    """Triton generates code for compute capability 7.0 and newer only."""
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def runs_compiled(first: torch.Tensor) -> bool:
-    """Whether a :func:`fused` function called with ``first`` runs as generated kernels: CUDA, Triton installed,
-    outside :func:`eager_kernels`, and not while ``torch.compile`` traces the caller (a compiled block, the
-    WanVideoTorchCompileSettings node: there the function is traced inline and fused with its neighbours)."""
-    return (first.is_cuda and _triton_available() and not _EAGER.get()
-            and not torch.compiler.is_compiling())
+    """Whether a :func:`fused` function called with ``first`` runs as generated kernels: a CUDA GPU Triton supports
+    (compute capability 7.0+), Triton installed, outside :func:`eager_kernels`, and not while ``torch.compile``
+    traces the caller (a compiled block, the WanVideoTorchCompileSettings node: there the function is traced inline
+    and fused with its neighbours)."""
+    return (first.is_cuda and _triton_available() and not _EAGER.get() and not torch.compiler.is_compiling()
+            and _triton_supports(first.device))
 
 
 def fused(dynamic_rows: bool = False) -> Callable[[Callable], Callable]:
