@@ -76,6 +76,8 @@ def test_a_fused_step_is_one_generated_kernel_without_float32_temporaries():
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        pytest.skip("the CUDA profiler records nothing here (CUPTI is taken, e.g. by compute-sanitizer)")
     assert len(kernels) == 1 and kernels[0].startswith("triton"), kernels
     assert out.dtype == torch.bfloat16 and peak <= 1.05 * out.numel() * out.element_size(), peak
 
