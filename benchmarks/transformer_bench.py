@@ -15,7 +15,8 @@ CLIP tokens, one speaker's wav2vec2 windows; t = 500. The float32 run has TF32 o
 
 A mode spec ``quant_mode[:attention_mode][+fuse_qkv]`` runs with that attention mode (default sdpa) and, with
 ``+fuse_qkv``, the sampler's ``fuse_qkv_projections`` switch on. Per mode: ``ms`` is the median wall time of --reps
-forwards (each ended by a device synchronize) after one warm-up forward; ``peak GiB`` is torch max_memory_allocated
+forwards (each ended by a device synchronize) after one warm-up forward, whose own time is ``first forward ms``
+(kernel compilation and self-tests included where nothing is cached yet); ``peak GiB`` is torch max_memory_allocated
 during the timed forwards; ``weights GiB`` is the model's parameter and buffer bytes; rel. error = ‖out − out_fp32‖
 / ‖out_fp32‖ over the whole output. Writes transformer_bench.json and transformer_bench.md to --out; with
 --profile also profile_<mode>.txt per mode: the GPU time of one more forward per kernel (torch.profiler).
@@ -54,6 +55,7 @@ class Row:
     peak_gib: float
     weights_gib: float
     rel_error: float
+    first_ms: float
 
 
 def make_inputs(cfg: WanConfig, latent: tuple[int, int, int], text: int, device: torch.device) -> dict:
@@ -81,10 +83,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, inputs: dict, device: torch.device, reps: int) -> tuple[torch.Tensor, float, float]:
-    """(output, median ms, peak GiB over the timed forwards)."""
+def measure(model, inputs: dict, device: torch.device, reps: int) -> tuple[torch.Tensor, float, float, float]:
+    """(output, median ms, peak GiB over the timed forwards, ms of the first forward: with kernel compilation and
+    the attention self-test when nothing is cached yet)."""
+    start = time.perf_counter()
     out = forward(model, inputs)
     _sync(device)
+    first = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -95,7 +100,7 @@ def measure(model, inputs: dict, device: torch.device, reps: int) -> tuple[torch
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return out, statistics.median(times), peak
+    return out, statistics.median(times), peak, first
 
 
 def profile_forward(model, inputs: dict, path: Path) -> None:
@@ -130,8 +135,8 @@ def run(opts: argparse.Namespace) -> list[Row]:
     if opts.reference_attention != "none":
         with matmul_precision(tf32=False):
             model, kernel = build(state, torch.float32, "disabled", opts.reference_attention, device)
-            ref, ms, peak = measure(model, inputs, device, 1)
-            rows.append(Row("float32 reference", kernel, ms, peak, weights_gib(model), 0.0))
+            ref, ms, peak, first = measure(model, inputs, device, 1)
+            rows.append(Row("float32 reference", kernel, ms, peak, weights_gib(model), 0.0, first))
             print(rows[-1], flush=True)
             del model
     for spec in opts.modes.split(","):
@@ -141,7 +146,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
             torch.cuda.empty_cache()
         model, kernel = build(state, torch.bfloat16, mode, attention or "sdpa", device)
         with linear_runtime(LinearRuntime(fuse_qkv=bool(fuse))):
-            out, ms, peak = measure(model, inputs, device, opts.reps)
+            out, ms, peak, first = measure(model, inputs, device, opts.reps)
         mode += fuse
         if opts.profile and opts.out:
             opts.out.mkdir(parents=True, exist_ok=True)
@@ -149,17 +154,17 @@ def run(opts: argparse.Namespace) -> list[Row]:
                 profile_forward(model, inputs, opts.out / f"profile_{mode}_{attention or 'sdpa'}.txt")
         err = float("nan") if ref is None else (
             torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
-        rows.append(Row(mode, kernel, ms, peak, weights_gib(model), err))
+        rows.append(Row(mode, kernel, ms, peak, weights_gib(model), err, first))
         print(rows[-1], flush=True)
         del model, out
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| mode | attention kernel | ms / forward | peak GiB | weights GiB | rel. error vs fp32 |\n"
-            "|---|---|---:|---:|---:|---:|\n")
-    return head + "".join(f"| {r.mode} | {r.attention} | {r.ms:.0f} | {r.peak_gib:.1f} | {r.weights_gib:.1f} | "
-                          f"{r.rel_error:.4f} |\n" for r in rows)
+    head = ("| mode | attention kernel | ms / forward | first forward ms | peak GiB | weights GiB | rel. error vs fp32 |\n"
+            "|---|---|---:|---:|---:|---:|---:|\n")
+    return head + "".join(f"| {r.mode} | {r.attention} | {r.ms:.0f} | {r.first_ms:.0f} | {r.peak_gib:.1f} | "
+                          f"{r.weights_gib:.1f} | {r.rel_error:.4f} |\n" for r in rows)
 
 
 def main() -> None:
