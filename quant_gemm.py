@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .compiled_kernels import fused
+from .compiled_kernels import fused, runs_compiled
 from .quant_formats import GemmOperands, Kernel, check_operands, quantize_rows_e4m3
 from .quant_runtime import report_layout
 
@@ -52,11 +52,20 @@ def quantize_rows(rows: torch.Tensor, k_pad: int, lead: tuple[int, ...]) -> Quan
     return QuantizedRows(data, scale, lead, rows.dtype)
 
 
-def quantized_output(math: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> QuantizedRows:
-    """``math(x, *args)`` (a per-token step returning [..., K] in x's dtype) quantized per token. Where
-    ``compiled_kernels.runs_compiled(x)`` the step and the quantization are one generated kernel, so the
-    unquantized result is never written to memory; the values equal quantizing the step's result."""
-    data, scale = _quantizing(math)(x, *args)
+def quantized_output(math: Callable[..., torch.Tensor], x: torch.Tensor, *args,
+                     kernel: Optional[str] = None) -> QuantizedRows:
+    """``math(x, *args)`` (a per-token step returning [..., K] in x's dtype) quantized per token.
+
+    ``kernel``: the name of the :mod:`quant_triton` function computing the same step and quantization from the same
+    arguments in one pass, used where ``compiled_kernels.runs_compiled(x)`` (the unquantized result is never
+    written to memory). Otherwise ``math`` and the quantization run as generated kernels (two passes) or eagerly.
+    The values equal quantizing the step's result (up to the order of a float32 reduction)."""
+    if kernel is not None and runs_compiled(x):
+        from . import quant_triton
+
+        data, scale = getattr(quant_triton, kernel)(x, *args)
+    else:
+        data, scale = _quantizing(math)(x, *args)
     return QuantizedRows(data, scale, tuple(x.shape[:-1]), x.dtype)
 
 

@@ -54,7 +54,7 @@ def per_token(math: Callable[..., torch.Tensor], x: torch.Tensor, rows: tuple[to
     result's only users) run the fp8 row-wise GEMM (``fp8_optimization.takes_quantized_rows``), the result comes
     quantized for them, made in the same kernel (``QuantizedRows``)."""
     if consumers and takes_quantized_rows(consumers, x):
-        return quantized_output(math, x, *rows, *consts)
+        return quantized_output(math, x, *rows, *consts, kernel=_QUANTIZING_KERNELS.get(math))
     if runs_compiled(x):
         return fused(dynamic_rows=True)(math)(x, *rows, *consts)
     return by_token_chunks(lambda *parts: math(*parts, *consts), dtype or x.dtype, x, *rows)
@@ -129,6 +129,10 @@ def _norm_modulate_math(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     return _modulate_math(_layer_norm_math(x, weight, bias, eps), shift, scale)
 
 
+# per-token steps whose quantized output one quant_triton kernel makes from the same arguments
+_QUANTIZING_KERNELS = {_layer_norm_math: "layer_norm_e4m3", _norm_modulate_math: "layer_norm_e4m3"}
+
+
 def _gated_residual_math(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (y.float() * gate + x).to(x.dtype)
 
@@ -183,7 +187,8 @@ class FeedForward(nn.Sequential):
         up, act, down = self
         hidden = up(x)
         if takes_quantized_rows((down,), hidden):
-            return down(quantized_output(_gelu_math, hidden, act.approximate))
+            kernel = "gelu_e4m3" if act.approximate == "tanh" else None
+            return down(quantized_output(_gelu_math, hidden, act.approximate, kernel=kernel))
         return down(act(hidden))
 
 

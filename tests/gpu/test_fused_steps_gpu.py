@@ -106,11 +106,46 @@ def test_fp8_model_with_producer_quantization_matches_the_eager_run(tmp_path, mo
     if not takes_quantized_rows((model.blocks[0].ffn[0],), torch.zeros(1, 16, cfg.dim, device="cuda").bfloat16()):
         pytest.skip("this GPU has no fp8 row-wise GEMM")
     made, real = [], wan_layers.quantized_output
-    monkeypatch.setattr(wan_layers, "quantized_output", lambda math, x, *a: made.append(math) or real(math, x, *a))
+    monkeypatch.setattr(wan_layers, "quantized_output",
+                        lambda math, x, *a, kernel=None: made.append(kernel) or real(math, x, *a, kernel=kernel))
     inputs = tiny_inputs(cfg)
     fused = forward(model, inputs).float()
-    assert len(made) == 5 * cfg.num_layers
+    # per block, each one quant_triton pass: norm1+modulation, norm3, norm_x, norm2+modulation, GELU
+    assert sorted(made) == ["gelu_e4m3"] * cfg.num_layers + ["layer_norm_e4m3"] * 4 * cfg.num_layers
     with eager_kernels():
         eager = forward(model, inputs).float()
-    assert len(made) == 5 * cfg.num_layers and torch.isfinite(fused).all()
+    assert len(made) == 5 * cfg.num_layers and torch.isfinite(fused).all()  # eager: no producer quantization
     assert float((fused - eager).norm() / eager.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("batch,strided", [(1, False), (2, True)])
+def test_producer_kernels_equal_the_eager_step_then_quantization(batch, strided):
+    """quant_triton's one-pass LayerNorm(+affine)(+modulation) and GELU quantization against the eager step followed
+    by quantize_rows_e4m3 at the 14B widths: the same e4m3 codes except where a float32 reduction order flips a bf16
+    rounding (a few elements, one e4m3 step each)."""
+    import torch.nn.functional as F
+
+    from infinitetalk import quant_triton as QT
+    from infinitetalk.quant_formats import quantize_rows_e4m3
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversion needs compute capability 8.9+")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    s, c = 1531, 5120
+    x = torch.randn(s, batch, c, generator=gen, device="cuda").bfloat16().transpose(0, 1) if strided else \
+        torch.randn(batch, s, c, generator=gen, device="cuda").bfloat16()
+    w, b = (1 + 0.3 * torch.randn(c, generator=gen, device="cuda"), 0.2 * torch.randn(c, generator=gen, device="cuda"))
+    shift, scale = (0.5 * torch.randn(batch, 1, c, generator=gen, device="cuda") for _ in range(2))
+    plain = F.layer_norm(x.float(), (c,), None, None, 1e-6).bfloat16()
+    hidden = 2 * torch.randn(batch, 777, 13824, generator=gen, device="cuda").bfloat16()
+    cases = {"affine": (QT.layer_norm_e4m3(x, w, b, 1e-6), F.layer_norm(x.float(), (c,), w, b, 1e-6).bfloat16()),
+             "modulated": (QT.layer_norm_e4m3(x, None, None, 1e-6, shift, scale),
+                           (plain.float() * (1 + scale) + shift).bfloat16()),
+             "gelu": (QT.gelu_e4m3(hidden, "tanh"), F.gelu(hidden, approximate="tanh"))}
+    for name, ((data, row_scale), step) in cases.items():
+        ref_data, ref_scale = quantize_rows_e4m3(step.reshape(-1, step.shape[-1]), 0)
+        assert data.shape == ref_data.shape and row_scale.shape == ref_scale.shape, name
+        assert float(((row_scale - ref_scale).abs() / ref_scale).max()) < 1e-2, name
+        differ = (data.view(torch.uint8) != ref_data.view(torch.uint8)).float().mean()
+        value, ref = data.float() * row_scale, ref_data.float() * ref_scale
+        assert float(differ) < 0.01 and float((value - ref).norm() / ref.norm()) < 5e-3, (name, float(differ))

@@ -26,7 +26,7 @@ KERNELS = {"attention", "fp8_optimization", "blockswap"}
 # the core that may import the owner.
 KERNEL_HELPERS = {"quant_formats": "fp8_optimization", "quant_runtime": "fp8_optimization",
                   "quant_kernel_choice": "fp8_optimization", "compiled_kernels": "fp8_optimization",
-                  "quant_gemm": "fp8_optimization",
+                  "quant_gemm": "fp8_optimization", "quant_triton": "fp8_optimization",
                   "attention_kernels": "attention", "attention_triton": "attention"}
 PACK_TOP = {"wanvideo", "multitalk", "nodes", *KERNELS, *KERNEL_HELPERS}
 OUTSIDE_CORE = ("tests", "tools", "benchmarks")
