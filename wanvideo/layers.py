@@ -52,7 +52,8 @@ def per_token(math: Callable[..., torch.Tensor], x: torch.Tensor, rows: tuple[to
     tensors with x's token dim (-2), ``consts`` anything broadcast over the tokens. One generated kernel where
     ``compiled_kernels.runs_compiled(x)``, else :func:`by_token_chunks`. When the Linears ``consumers`` (the
     result's only users) run the fp8 row-wise GEMM (``fp8_optimization.takes_quantized_rows``), the result comes
-    quantized for them, made in the same kernel (``QuantizedRows``)."""
+    quantized for them (``QuantizedRows``), in one pass where ``quant_triton`` has the step
+    (:data:`_QUANTIZING_KERNELS`)."""
     if consumers and takes_quantized_rows(consumers, x):
         return quantized_output(math, x, *rows, *consts, kernel=_QUANTIZING_KERNELS.get(math))
     if runs_compiled(x):
@@ -180,7 +181,8 @@ class FeedForward(nn.Sequential):
     """The block's FFN: ``0`` Linear dim -> ffn_dim, ``1`` GELU (tanh), ``2`` Linear ffn_dim -> dim.
 
     x [..., dim] (or its QuantizedRows, made for ``0``) -> [..., dim]. When ``2`` runs the fp8 row-wise GEMM the
-    GELU output comes quantized for it from the same kernel (see :func:`per_token`); the GELU math is the same.
+    GELU output comes quantized for it, in one ``quant_triton`` pass (see :func:`per_token`); the GELU math is the
+    same.
     """
 
     def forward(self, x: Union[torch.Tensor, QuantizedRows]) -> torch.Tensor:

@@ -95,8 +95,8 @@ def test_model_forward_with_fused_steps_matches_the_eager_run(tmp_path):
 
 
 def test_fp8_model_with_producer_quantization_matches_the_eager_run(tmp_path, monkeypatch):
-    """fp8 _fast on an fp8-GEMM GPU: the norms and the GELU hand their consumers QuantizedRows made in the same
-    generated kernel (5 per block); the output stays within fp8 noise of the eager run, where every Linear
+    """fp8 _fast on an fp8-GEMM GPU: the norms and the GELU hand their consumers QuantizedRows made in one
+    quant_triton pass (5 per block); the output stays within fp8 noise of the eager run, where every Linear
     quantizes its own bf16 input."""
     from infinitetalk.wanvideo import layers as wan_layers
 
