@@ -42,6 +42,10 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ALIGN_BYTES = 16
 MATH_CHUNK_ELEMENTS = 1 << 26  # logits held at once by the math kernel (256 MiB of float32)
 PROBE_TOKENS = 32760  # the sequence length at which an 8-bit kernel must beat the exact one (480p, 81 frames)
+# H100, 32760 queries x 40 heads: the Triton 8-bit kernel (with its quantization) took 1.11 / 1.00 / 4.30 / 7.67 ms
+# for 512 / 257 / 4096 / 8192 keys against cuDNN's 0.61 / 0.51 / 4.18 / 8.76 ms (benchmarks/RESULTS.md): the text,
+# CLIP and audio cross-attention run the exact kernel
+TRITON_FP8_MIN_KEYS = 6144
 KERNEL_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, ImportError, OSError, ArithmeticError,
                  LookupError, AttributeError)  # what a third-party kernel may raise when it cannot run
 
@@ -90,7 +94,9 @@ class KernelSpec:
     passed only to ``masked`` kernels (the others get one call per batch element with the keys sliced). ``ccs``:
     allowed CUDA compute capabilities (None = any at or above ``min_cc``). ``probe(device)`` returns why an installed
     package cannot be used (version, broken build) or None; ``accepts(q, k, v)`` is the per-call shape check on the
-    prepared operands. ``tolerance``: relative error bound of the self-test against float32 math.
+    prepared operands. ``min_keys``: calls with fewer keys run the next kernel of the chain that takes them (where
+    the kernel was measured slower than the exact ones; the self-test and a chain of one still run it).
+    ``tolerance``: relative error bound of the self-test against float32 math.
     """
 
     name: str
@@ -109,6 +115,7 @@ class KernelSpec:
     install: str = ""
     probe: Optional[Callable[[torch.device], Optional[str]]] = None
     accepts: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]] = None
+    min_keys: int = 0
     tolerance: float = 0.02
     reference: bool = False
 
@@ -147,6 +154,8 @@ class AttentionBackend:
         text = f"attention_mode {self.requested.value}: runs {self.kernel} ({label})"
         if self.fallbacks:
             text += f"; shapes or dtypes it cannot take run {', '.join(self.fallbacks)}"
+            if self.chain[0].min_keys:
+                text += f" (also calls with fewer than {self.chain[0].min_keys} keys, where that is faster)"
         return text + "".join(f".\n{note}" for note in self.notes)
 
 
@@ -225,7 +234,7 @@ _KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
                install=ext.SAGE3_INSTALL, tolerance=0.3),
     KernelSpec("triton_fp8", "this pack's Triton INT8-QK / FP8-PV attention for sm_90",
                _triton_fp8_run, ccs=((9, 0),), head_dims=(64, 128), package="triton", install=ext.TRITON_INSTALL,
-               tolerance=0.08),
+               min_keys=TRITON_FP8_MIN_KEYS, tolerance=0.08),
 )}
 
 
@@ -368,8 +377,10 @@ def _fits(spec: KernelSpec, q: torch.Tensor, allow_cast: bool) -> Optional[torch
 
 
 def _pick(chain: tuple[KernelSpec, ...], q, k, v, allow_cast: bool):
-    """First kernel of ``chain`` that takes these operands: (spec, prepared q, k, v)."""
-    for spec in chain:
+    """First kernel of ``chain`` that takes these operands ([B, L, H, D]): (spec, prepared q, k, v)."""
+    for index, spec in enumerate(chain):
+        if k.shape[1] < spec.min_keys and index + 1 < len(chain):
+            continue
         dtype = _fits(spec, q, allow_cast)
         if dtype is None:
             continue

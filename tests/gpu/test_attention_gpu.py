@@ -3,6 +3,7 @@ runs, and matches float32 math on transposed, sliced, misaligned and padded inpu
 
 Small shapes only, so the file can run under ``compute-sanitizer --tool memcheck``.
 """
+import dataclasses
 import math
 
 import pytest
@@ -222,9 +223,9 @@ def test_triton_8bit_kernel_block_scales_and_extreme_scores(case):
 
 @pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
 def test_triton_8bit_kernel_inside_the_infinitetalk_model():
-    """The 8-bit kernel as ``sageattn`` runs it inside a (small, random) InfiniteTalk transformer: self-attention,
-    text + CLIP cross-attention and the per-frame audio attention all go through it; the output stays within 5 %
-    of the same model on SDPA."""
+    """The 8-bit kernel inside a (small, random) InfiniteTalk transformer: self-attention, text + CLIP
+    cross-attention and the per-frame audio attention all go through it (``min_keys`` 0: ``sageattn`` itself sends
+    short key sequences to the exact kernel); the output stays within 5 % of the same model on SDPA."""
     if capability() != (9, 0):
         pytest.skip("the Triton 8-bit kernel targets sm_90")
     from infinitetalk.attention import AttentionMode, build_backend
@@ -233,7 +234,8 @@ def test_triton_8bit_kernel_inside_the_infinitetalk_model():
     from tiny_infinitetalk import tiny_config, tiny_inputs
 
     cfg = tiny_config(2)
-    eight_bit = build_backend(AttentionMode.SAGEATTN, (A._KERNELS["triton_fp8"], A._KERNELS["sdpa"]))
+    every_call = dataclasses.replace(A._KERNELS["triton_fp8"], min_keys=0)
+    eight_bit = build_backend(AttentionMode.SAGEATTN, (every_call, A._KERNELS["sdpa"]))
     torch.manual_seed(0)
     exact = InfiniteTalkModel(cfg, ops_for("disabled"), resolve("sdpa", CUDA, torch.bfloat16)).to(CUDA).bfloat16()
     fast = InfiniteTalkModel(cfg, ops_for("disabled"), eight_bit).to(CUDA).bfloat16()
@@ -246,3 +248,18 @@ def test_triton_8bit_kernel_inside_the_infinitetalk_model():
     assert bool(torch.isfinite(out).all())
     err = relative_error(out, ref)
     assert 0 < err < 0.05, err
+
+
+def test_sageattn_runs_short_key_calls_on_an_exact_kernel():
+    """The 8-bit kernel only takes calls with at least TRITON_FP8_MIN_KEYS keys (self-attention); the text, CLIP and
+    audio cross-attention (257 to 512 keys, and 32 per frame) run the next kernel, which is faster there."""
+    backend = resolve("sageattn", torch.device("cuda"), torch.bfloat16)
+    if backend.kernel != "triton_fp8":
+        pytest.skip(f"sageattn runs {backend.kernel} here")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(2, 900, 4, 128, generator=gen, device="cuda").bfloat16()
+    for keys, expected_8bit in [(32, False), (512, False), (A.TRITON_FP8_MIN_KEYS, True)]:
+        k, v = (torch.randn(2, keys, 4, 128, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        assert (backend.kernel_for(q, k, v) == "triton_fp8") is expected_8bit, keys
+        out = backend(q, k, v)
+        assert relative_error(out, math_attention(q, k, v)) < (0.08 if expected_8bit else 0.01), keys

@@ -239,6 +239,18 @@ def test_shapes_a_kernel_cannot_take_go_to_the_next_kernel():
         assert rel(backend(q, k, v), reference(q, k, v)) < 1e-5
 
 
+def test_calls_with_few_keys_go_to_the_next_kernel_unless_it_is_the_last():
+    long_only = spec("long_only", min_keys=64)
+    backend = build_backend(AttentionMode.SAGEATTN, (long_only, spec("exact")))
+    for lk, expected in [(63, "exact"), (64, "long_only"), (200, "long_only")]:
+        q, k, v = strided_inputs(lq=30, lk=lk)
+        assert backend.kernel_for(q, k, v) == expected
+        assert rel(backend(q, k, v), reference(q, k, v)) < 1e-5
+    assert "fewer than 64 keys" in backend.describe()
+    alone = build_backend(AttentionMode.SAGEATTN, (long_only,))  # e.g. its self-test: nothing else to run
+    assert alone.kernel_for(*strided_inputs(lq=30, lk=20)) == "long_only"
+
+
 def test_float32_is_cast_to_bf16_only_for_half_modes():
     half = spec("half", dtypes=(torch.bfloat16,))
     q, k, v = strided_inputs(lq=64, lk=40, d=32)
