@@ -9,7 +9,9 @@ step is one generated kernel over the whole tensor (``compiled_kernels.fused``):
 the float32 values in registers and writes the output dtype; a norm and the modulation after it, or the q/k
 RMSNorm and the RoPE after it, are one kernel. Elsewhere :func:`by_token_chunks` runs the same expression eagerly
 over chunks of :data:`TOKEN_CHUNK` tokens. Either way no full-size float32 copy of an activation exists (a
-[32760, 5120] one is 0.67 GB); the chunked results equal the unchunked expressions bit for bit.
+[32760, 5120] one is 0.67 GB); the chunked results equal the unchunked expressions bit for bit. When the Linears
+reading a step's result run the fp8 row-wise GEMM (fp8 ``_fast``), the LayerNorm steps and the FFN's GELU return it
+quantized per token for them (``QuantizedRows``), made in the same pass by ``quant_triton`` on the GPU.
 """
 from __future__ import annotations
 
