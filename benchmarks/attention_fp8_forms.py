@@ -4,9 +4,11 @@ Usage: python benchmarks/attention_fp8_forms.py [--tokens 32760,75600] [--out DI
 
 For q, k, v = [1, L, 40, 128] bf16 (the inputs of benchmarks/attention_bench.py), each row times one kernel form of
 ``attention_triton`` (median CUDA-event time of --reps calls after --warmup): the whole call (quantization +
-attention), the attention kernel alone on operands quantized once, and, in its own row, the quantization alone.
-Forms: ``ws`` and ``plain`` (the two shipped forms; ``form_for`` says which one this card uses) and ``ws_s3``
-(``ws`` with 3 pipeline stages, measured at 1.31x before but not bit-identical to the plain form: a race check).
+attention), the attention kernel alone on operands quantized once (the plain form's kernel quantizes Q itself, so
+its kernel time includes Q's quantization), and, in rows of their own, each form's separate quantization passes.
+Forms: ``ws`` and ``plain`` (the two shipped forms; ``form_for`` says which one this card uses at each length) and
+``ws_s3`` (``ws`` with 3 pipeline stages, measured at 1.31x before but not bit-identical to the plain form: a race
+check).
 rel. error: ‖out − ref‖ / ‖ref‖ over --ref-rows query rows against float32 math, on Gaussian inputs and on the
 "outliers" inputs (4 of the 128 channels of q and k scaled by 5). vs plain: the same measure against the plain
 form's output (the forms do the same arithmetic in another order, so anything above ~1e-5 is a bug).
@@ -63,14 +65,15 @@ def measure(tokens: int, args, device: torch.device) -> list[dict]:
             row["err"] = errors(lambda a, b, c: T.fp8_attention(a, b, c, form))
             row["vs_plain"] = relative_error(T.fp8_attention(q, k, v, form), plain_out.float())
             row["ms"] = timed(lambda: T.fp8_attention(q, k, v, form))
-            quantized, out = T.quantize(q, k, v, perm=not form.ws), torch.empty_like(q)
+            quantized, out = T.quantize(q, k, v, form), torch.empty_like(q)
             row["kernel_ms"] = timed(lambda: T.attend(quantized, tokens, out, form))
             del quantized, out
         except (RuntimeError, ValueError, TritonError) as failure:
             row["failed"] = f"{type(failure).__name__}: {failure}"[:300]
         rows.append(row)
-    rows.append(dict(tokens=tokens, form="quantization only (ws layout)", kernel_ms=None, err=None, vs_plain=None,
-                     ms=timed(lambda: T.quantize(q, k, v, perm=False))))
+    for name, form in (("ws: Q, K, V", T.WS_FORM), ("plain: K, V", T.PLAIN_FORM)):
+        rows.append(dict(tokens=tokens, form=f"quantization passes only ({name})", kernel_ms=None, err=None,
+                         vs_plain=None, ms=timed(lambda form=form: T.quantize(q, k, v, form))))
     for row in rows:
         if row.get("ms") is not None:
             row["tflops"] = flop / row["ms"] / 1e9
@@ -78,12 +81,12 @@ def measure(tokens: int, args, device: torch.device) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], env: list[str], chosen: str) -> str:
+def markdown(rows: list[dict], env: list[str], chosen: dict) -> str:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     lines = ["## attention_fp8_forms: the Triton 8-bit attention's forms against cuDNN", "", *env,
-             f"- form_for(this card, D=128): {chosen}", "",
+             "- form_for(this card, D=128, L keys): " + ", ".join(f"{n}: {c}" for n, c in chosen.items()), "",
              "| tokens | form | ms | kernel ms | TFLOP/s | vs cuDNN | err gaussian | err outliers | vs plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -109,11 +112,12 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cuda.matmul.allow_tf32 = False
     env = bench.environment(device)
-    chosen = next(name for name, form in FORMS.items() if form == T.form_for(device, 128))
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    chosen = {n: next(name for name, form in FORMS.items() if form == T.form_for(device, 128, n)) for n in tokens_list}
     print("\n".join(env) + f"\n- form_for: {chosen}", flush=True)
     rows = []
     with torch.inference_mode():
-        for tokens in (int(t) for t in args.tokens.split(",")):
+        for tokens in tokens_list:
             rows += measure(tokens, args, device)
             torch.cuda.empty_cache()
     text = markdown(rows, env, chosen)

@@ -375,7 +375,7 @@ for b, lq, lk, h, d in [(1, 300, 200, 2, 64), (2, 130, 257, 1, 128), (1, 70, 40,
     q = torch.randn(b, h, lq, d, generator=gen).bfloat16().transpose(1, 2).contiguous()
     k, v = (torch.randn(b, lk, h, d, generator=gen) for _ in range(2))
     k, v = (k + 3 * torch.randn(d, generator=gen)).bfloat16(), v.bfloat16()  # k: a channel offset, to be removed
-    t, tp = T.quantize(q, k, v, perm=False), T.quantize(q, k, v, perm=True)
+    t, tp = T.quantize(q, k, v, T.WS_FORM), T.quantize(q, k, v, T.PLAIN_FORM)
     q_back = t.q.float()[:, :lq] * t.q_factor[:, :lq, None] / (T.LOG2E / math.sqrt(d))
     k_back = t.k.float() * t.k_scale.repeat_interleave(T.PAD, 1)[..., None]
     k_ref = heads_first(k - k.float().mean(1, keepdim=True))
@@ -385,7 +385,8 @@ for b, lq, lk, h, d in [(1, 300, 200, 2, 64), (2, 130, 257, 1, 128), (1, 70, 40,
     sigma = a - r + (r & 16) + ((r >> 2) & 3) * 2 + ((r >> 1) & 1) * 8 + (r & 1)  # key held at position a
     exact = (torch.equal(tp.vt.view(torch.uint8), t.vt.view(torch.uint8)[..., sigma])
              and t.k_scale.shape == (b * h, t.k.shape[1] // T.PAD) and not t.k[:, lk:].any()
-             and not t.vt.view(torch.uint8)[..., lk:].any())
+             and not t.vt.view(torch.uint8)[..., lk:].any()
+             and tp.q is q and tp.q_factor is None and torch.equal(tp.k, t.k))  # plain: Q quantized in the kernel
     plain = T.fp8_attention(q, k, v, T.PLAIN_FORM)
     print(json.dumps(dict(case="shapes", q_err=relative_error(q_back, heads_first(q)),
                           k_err=relative_error(k_back[:, :lk], k_ref), v_err=relative_error(v_back, heads_first(v)),
@@ -401,7 +402,7 @@ k[:, :128, :, d // 2:] = 0
 k[:, :128, :, :d // 2] *= 100
 k[:, 128:, :, :d // 2] = 0
 q, k, v = q.bfloat16(), k.bfloat16(), torch.randn(1, lk, 1, d, generator=gen).bfloat16()
-scales = T.quantize(q, k, v, perm=False).k_scale[0]
+scales = T.quantize(q, k, v, T.WS_FORM).k_scale[0]
 print(json.dumps(dict(case="blocks", scale_ratio=float(scales[0] / scales[1:].max()), **attend(q, k, v))))
 
 # every raw score strongly negative (q·k/√D about −100) with 127 padded keys; constant K without padded keys
@@ -440,7 +441,8 @@ def test_triton_8bit_attention_numerics_in_the_interpreter(triton_interpreted):
     for row in rows:
         # INT8 Q (one scale per row) ~0.7 %, K minus its mean (one scale per 128-key block) ~1 %, e4m3 V (round to
         # nearest even, emulated in the interpreter) ~2.5 %; the output adds e4m3 P: ~4 %. Both kernel forms do the
-        # same arithmetic in another order. exact: Vᵀ's permuted key order, zero padding, shapes, the output's layout.
+        # same arithmetic in another order (the plain form quantizes Q inside the kernel, the same way). exact: Vᵀ's
+        # permuted key order, zero padding, shapes, the output's layout, the plain form's q taken as is (no copy).
         assert row["q_err"] < 0.01 and row["k_err"] < 0.015 and row["v_err"] < 0.032, row
         assert row["out_err"] < 0.05 and row["forms_diff"] < 1e-5 and row["exact"], row
 
