@@ -33,6 +33,12 @@ def write_weights(cfg: WanConfig, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def weights_and_inputs(folder: Path, layers: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Random weights of the tiny config with ``layers`` blocks written into ``folder``, and one forward's inputs."""
+    cfg = tiny_config(layers)
+    return write_weights(cfg, folder / f"tiny{layers}.safetensors"), tiny_inputs(cfg)
+
+
 def tiny_inputs(cfg: WanConfig, latent_hw: tuple[int, int] = (8, 12), device: str = "cuda",
                 seed: int = 1) -> dict[str, torch.Tensor]:
     """Forward inputs for 3 latent frames of ``latent_hw``: x, t, context (6 text tokens), clip_fea, y, audio."""

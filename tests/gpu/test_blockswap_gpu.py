@@ -13,7 +13,7 @@ import torch
 
 from infinitetalk.attention import resolve
 from infinitetalk.blockswap import ALIGN, BlockSwapper, SwapPlan, block_nbytes, plan_block_swap
-from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
+from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, weights_and_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -23,8 +23,7 @@ MODES = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    cfg = tiny_config(LAYERS)
-    return write_weights(cfg, tmp_path_factory.mktemp("swap_gpu") / "tiny.safetensors"), tiny_inputs(cfg)
+    return weights_and_inputs(tmp_path_factory.mktemp("swap_gpu"), LAYERS)
 
 
 @pytest.fixture(scope="module")

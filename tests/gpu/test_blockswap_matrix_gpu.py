@@ -7,13 +7,15 @@ tensors are smaller). ``sageattn`` runs the pack's 8-bit Triton kernel where the
 ``sageattn`` uses when it is the fastest), else whatever ``resolve('sageattn')`` picks."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from infinitetalk import attention as A
 from infinitetalk.attention import AttentionMode, build_backend, resolve
 from infinitetalk.blockswap import BlockSwapper
-from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
+from tiny_infinitetalk import enhanced_plan, forward, load_on_cuda, weights_and_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -23,10 +25,11 @@ ATTENTION = ["sdpa", "sageattn"]
 
 
 def attention_backend(name: str) -> A.AttentionBackend:
-    """``sdpa``: the resolved mode. ``sageattn``: the pack's 8-bit kernel first (then SDPA for shapes it does not
-    take) where this card can run it, else the resolved mode."""
+    """``sdpa``: the resolved mode. ``sageattn``: the pack's 8-bit kernel first, for every call (``min_keys`` 0:
+    this model's sequences are short), then SDPA for shapes it does not take, where this card can run it; else the
+    resolved mode."""
     if name == "sageattn":
-        spec = A._KERNELS["triton_fp8"]
+        spec = dataclasses.replace(A._KERNELS["triton_fp8"], min_keys=0)
         if A._unavailable(spec, CUDA, torch.bfloat16, True) is None:
             return build_backend(AttentionMode.SAGEATTN, (spec, A._KERNELS["sdpa"]))
     return resolve(name, CUDA, torch.bfloat16)
@@ -34,8 +37,7 @@ def attention_backend(name: str) -> A.AttentionBackend:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    cfg = tiny_config(LAYERS)
-    return write_weights(cfg, tmp_path_factory.mktemp("swap_matrix") / "tiny40.safetensors"), tiny_inputs(cfg)
+    return weights_and_inputs(tmp_path_factory.mktemp("swap_matrix"), LAYERS)
 
 
 @pytest.fixture(scope="module")
