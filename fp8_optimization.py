@@ -376,8 +376,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: Union[torch.Tensor, QuantizedRows]) -> torch.Tensor:
         """x [..., in_features] (or the :class:`QuantizedRows` of its producer, see :func:`takes_quantized_rows`)
         -> [..., out_features] of x's dtype."""
-        if x.shape[-1] not in (self.in_features, self.k_pad if isinstance(x, QuantizedRows) else -1):
-            raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != in_features {self.in_features}")
+        width = self.k_pad if isinstance(x, QuantizedRows) else self.in_features  # quantized rows come padded
+        if x.shape[-1] != width:
+            raise ValueError(f"{self.layer_name}: input last dim {x.shape[-1]} != {width} (in_features "
+                             f"{self.in_features})")
         kernel = self.kernel_override or select_kernel(type(self), x.device, x.dtype)
         if isinstance(x, QuantizedRows):
             if kernel is not Kernel.FP8_ROWWISE:

@@ -15,6 +15,7 @@ quantized per token for them (``QuantizedRows``), made in the same pass by ``qua
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -59,8 +60,13 @@ def per_token(math: Callable[..., torch.Tensor], x: torch.Tensor, rows: tuple[to
     if consumers and takes_quantized_rows(consumers, x):
         return quantized_output(math, x, *rows, *consts, kernel=_QUANTIZING_KERNELS.get(math))
     if runs_compiled(x):
-        return fused(dynamic_rows=True)(math)(x, *rows, *consts)
+        return _generated(math)(x, *rows, *consts)
     return by_token_chunks(lambda *parts: math(*parts, *consts), dtype or x.dtype, x, *rows)
+
+
+@functools.cache
+def _generated(math: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return fused(dynamic_rows=True)(math)
 
 
 def high_precision_dtype(device: torch.device) -> torch.dtype:
