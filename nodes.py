@@ -499,18 +499,25 @@ class WanVideoTextEncodeCached:
     RETURN_NAMES = ("text_embeds", "negative_text_embeds", "positive_prompt")
     FUNCTION = "process"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encode the prompts, loading umT5 only when the embeddings are not cached, then free it."
+    DESCRIPTION = ("Encode the prompts, loading umT5 only when the embeddings are not cached (through ComfyUI's "
+                   "model management, which frees room for it on the GPU), then free it.")
 
     def process(self, model_name, precision, positive_prompt, negative_prompt, quantization, use_disk_cache, device,
                 extender_args=None):
         if extender_args is not None:
             raise ValueError("WanVideoTextEncodeCached: the prompt extender is not supported; disconnect it")
         path = folder_paths.get_full_path_or_raise("text_encoders", model_name)
-        run_device = _device("main_device") if device == "gpu" else torch.device("cpu")
-        options = T5LoadOptions(precision=precision, quantization=quantization, device=str(run_device))
+        options = T5LoadOptions(precision=precision, quantization=quantization, device="cpu")
 
         def encode(prompts):
-            return load_text_encoder(path, options)(prompts)
+            encoder = load_text_encoder(path, options)
+            if device != "gpu":
+                return encoder(prompts)
+            managed = _ManagedTextEncoder(encoder, torch.device("cpu"))  # ComfyUI frees room, then loads it
+            try:
+                return managed(prompts)
+            finally:
+                _unload(managed.patcher)
 
         embeds = _encode_prompts(positive_prompt, negative_prompt, encode, path, use_disk_cache,
                                  f"{precision}-{quantization}")

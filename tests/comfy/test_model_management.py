@@ -6,7 +6,8 @@ ComfyUI's own ``comfy.model_management.current_loaded_models`` in its UI output,
 VAE stay in ComfyUI's loaded list after the sampler (the transformer whole, or block-swapped with only the resident
 blocks counted as loaded); ``force_offload`` takes them out again; POST /free unloads them (block swapper detached)
 and the next run loads them again from the cached loader outputs and gives the same video as a fresh placement.
-The umT5 text encoder is loaded through ComfyUI when it encodes and is unloaded by POST /free likewise.
+The umT5 text encoder is loaded through ComfyUI when it encodes and is unloaded by POST /free likewise; the cached
+text-encode node loads its own encoder through ComfyUI too and frees it after encoding.
 """
 import json
 
@@ -180,6 +181,22 @@ def test_text_encoder_loads_through_comfyui_and_unloads(server):
     prompt["text"]["inputs"]["positive_prompt"] = "a man is speaking"
     loaded, _ = _loaded(server, prompt)
     assert loaded["UMT5Encoder"]["loaded"] > 0
+
+
+def test_cached_text_encoder_loads_through_comfyui_and_is_freed_after_encoding(server):
+    """WanVideoTextEncodeCached on a cache miss: ComfyUI's model management loads the encoder (so it can free room
+    first: "Requested to load UMT5Encoder" in the server log) and it is out of the loaded list afterwards."""
+    server.free(unload_models=True)
+    requested = server.log().count("Requested to load UMT5Encoder")
+    prompt = {
+        "text": {"class_type": "WanVideoTextEncodeCached", "inputs": {
+            "model_name": "umt5_tiny.safetensors", "precision": "fp32", "positive_prompt": "a cached prompt",
+            "negative_prompt": "static", "quantization": "disabled", "use_disk_cache": False, "device": "gpu"}},
+        "probe": {"class_type": "LoadedModelsProbe", "inputs": {"tag": "", "embeds": ["text", 0]}},
+    }
+    loaded, _ = _loaded(server, prompt)
+    assert "UMT5Encoder" not in loaded
+    assert server.log().count("Requested to load UMT5Encoder") == requested + 1
 
 
 def test_offloaded_embedders_stream_from_host_memory(server, base_prompt):
