@@ -130,8 +130,8 @@ def projections(layers: Sequence[nn.Module], x: Union[torch.Tensor, QuantizedRow
 def takes_quantized_rows(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
     """Whether ``layers`` (one Linear, or q/k/v sharing x) run the fp8 row-wise GEMM on x [..., K] with K unpadded,
     so the per-token step producing x may hand them ``quant_gemm.quantized_output(step, ...)`` instead of x: the
-    step and the activation quantization become one generated kernel. False on CUDA without generated kernels
-    (there the steps run over token chunks to bound memory)."""
+    step and the activation quantization become one pass (a ``quant_triton`` kernel on the GPU). False on CUDA
+    without generated kernels (there the steps run over token chunks to bound memory)."""
     if x.is_cuda and not runs_compiled(x):
         return False
     return _fusable_kernel(layers, x) is Kernel.FP8_ROWWISE and layers[0].k_pad == layers[0].in_features

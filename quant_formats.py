@@ -38,7 +38,7 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
 MXFP4_BLOCK = 32
-_TINY = 1e-12
+TINY = 1e-12  # floor of every scale: an all-zero row or block gets this, not 0
 # Scale-code offsets tried per NVFP4 block: 0 maps the block's amax to 6; positive offsets give coarser, larger scales.
 _NVFP4_SEARCH = (-2, -1, 0, 1, 2, 3, 4, 5, 6)
 
@@ -54,7 +54,7 @@ def quantize_fp8(w: torch.Tensor, dtype: torch.dtype, per_channel: bool) -> tupl
     """float [N, K] -> (float8 ``dtype`` [N, K], float32 scale [N]); per-row amax (or one tensor amax) maps to the max."""
     w = w.float()
     amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
-    scale = amax.clamp(min=_TINY) / FP8_MAX[dtype]
+    scale = amax.clamp(min=TINY) / FP8_MAX[dtype]
     q = (w / scale[:, None]).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
     return q, scale.contiguous()
 
@@ -74,7 +74,7 @@ def quantize_rows_e4m3(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch
     generated scaling kernel: benchmarks/RESULTS.md).
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / FP8_MAX[E4M3]
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=TINY) / FP8_MAX[E4M3]
     q = (xf / scale).clamp(-FP8_MAX[E4M3], FP8_MAX[E4M3])
     if k_pad:
         q = F.pad(q, (0, k_pad))
@@ -85,7 +85,7 @@ def quantize_rows_e4m3(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch
 def quantize_tensor_e4m3(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor activation quantization: [M, K] -> (e4m3 [M, K + k_pad], float32 scale of shape [])."""
     xf = x.float()
-    scale = xf.abs().amax().clamp(min=_TINY) / FP8_MAX[E4M3]
+    scale = xf.abs().amax().clamp(min=TINY) / FP8_MAX[E4M3]
     q = (xf / scale).clamp(-FP8_MAX[E4M3], FP8_MAX[E4M3])
     if k_pad:
         q = F.pad(q, (0, k_pad))
@@ -100,7 +100,7 @@ def e5m2_to_e4m3(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
     E4M3's subnormal step converts exactly (E5M2 has fewer mantissa bits than E4M3).
     """
     wf = q.float()
-    amax = wf.abs().amax(dim=1).clamp(min=_TINY)
+    amax = wf.abs().amax(dim=1).clamp(min=TINY)
     factor = torch.exp2(torch.floor(torch.log2(FP8_MAX[E4M3] / amax)))
     w8 = (wf * factor[:, None]).clamp(-FP8_MAX[E4M3], FP8_MAX[E4M3]).to(E4M3)
     return w8, (scale / factor)[None, :]
@@ -209,7 +209,7 @@ def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor,
     3-bit and a 1-bit mantissa may round once more (about 1 % relative error on the weight).
     """
     bs = block_scale.float()
-    row_max = bs.amax(dim=1).clamp(min=_TINY)
+    row_max = bs.amax(dim=1).clamp(min=TINY)
     mult = (FP8_MAX[E4M3] / E2M1_MAX) / row_max
     vals = _nvfp4_values(packed, block_scale) * mult[:, None, None]
     w8 = vals.flatten(1).clamp(-FP8_MAX[E4M3], FP8_MAX[E4M3]).to(E4M3)
@@ -223,7 +223,7 @@ def quantize_nvfp4_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     blocks = x.float().view(m, k // NVFP4_BLOCK, NVFP4_BLOCK)
     g = nvfp4_global_scale(x)
     scale = (blocks.abs().amax(dim=-1, keepdim=True) / (E2M1_MAX * g)).clamp(max=FP8_MAX[E4M3]).to(E4M3)
-    codes = e2m1_encode(blocks / scale.float().clamp(min=_TINY) / g)
+    codes = e2m1_encode(blocks / scale.float().clamp(min=TINY) / g)
     return pack_nibbles(codes.view(m, k)), scale.view(m, k // NVFP4_BLOCK), g
 
 
@@ -378,4 +378,4 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     y64, r64 = y.double(), ref.double()
     if not torch.isfinite(y64).all():
         return math.inf
-    return float((y64 - r64).norm() / r64.norm().clamp(min=_TINY))
+    return float((y64 - r64).norm() / r64.norm().clamp(min=TINY))

@@ -22,8 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)
-TINY = tl.constexpr(1e-12)
+from .quant_formats import E4M3
+from .quant_formats import FP8_MAX as FORMAT_MAX
+from .quant_formats import TINY as SCALE_FLOOR
+
+FP8_MAX = tl.constexpr(FORMAT_MAX[E4M3])  # the same scale rule as quant_formats.quantize_rows_e4m3
+TINY = tl.constexpr(SCALE_FLOOR)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
