@@ -16,19 +16,13 @@ Recipe (SageAttention-2-like: INT8 Q·Kᵀ, FP8 P·V):
 - Sequences are padded to 128 with zero rows and the loop runs over whole key blocks: a padded key scores exactly
   real 0 (so it never raises m above a row's real maximum, which is >= 0), its P is known from the last tile's
   numbers and is removed from l at the end (no masked tail block).
-- Two forms of the one kernel (:class:`Form`). Warp-specialized (``tl.range(warp_specialize=True)``: a TMA
-  producer warp group and two consumer warp groups of 64 query rows each, 128x128 tiles), used for calls with at
-  least ``WS_MIN_KEYS`` keys where this Triton compiles it for the GPU (sm_90) and it agrees with the plain form
-  on a probe (:func:`form_for`; shorter calls ran faster in the plain form). Else the plain
-  form (64x128 tiles, 4 warps, two programs per SM), whose P columns are permuted so that the GEMM takes P from
-  the score registers without shuffles (Vᵀ is stored in the matching key order); the warp-specialization pass
-  rejects that permutation, so its consumers convert P's layout with shuffles.
+- Kernel tiling: 64 query rows per program (4 warps, one warp group; two programs per SM), 128-key tiles, 3 pipeline
+  stages. Each program quantizes its own Q rows before the key loop (Q is never written back). The loop is software
+  pipelined: it issues tile j+1's Q·Kᵀ before tile j's softmax (the last tile's scores are computed once more and not
+  used). P's columns are permuted so that the P·V GEMM takes P from the score registers without shuffles (Vᵀ is
+  stored in the matching key order).
 - Quantization: one pass over K and V for statistics (K channel sum, V channel max |v|), one tiny kernel reducing
-  them per head, then one pass each writing K (and its block scales) and Vᵀ. Q: in the plain form each attention
-  program quantizes its own rows (loaded once, before the key loop), so Q is never written back; the
-  warp-specialized form keeps a separate pass writing INT8 Q and its row factors, because Triton 3.6's
-  warp-specialization pass cannot split a row reduction feeding the Q·Kᵀ operand between its consumer warp
-  groups (it stops at the ``tl.max``).
+  them per head, then one pass each writing K (and its block scales) and Vᵀ.
 
     fp8_attention(q, k, v) -> out
     q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16, NHD with a contiguous last dim, D in {64, 128};
@@ -42,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -52,10 +45,9 @@ import triton
 import triton.language as tl
 from triton.errors import TritonError
 
-PAD = 128  # sequence padding of the quantized buffers (a multiple of every block size)
+PAD = 128  # key padding of the quantized buffers: the kernel's key tile and the block of the K scales
 LOG2E = 1.4426950408889634
 STATS_ROWS, STATS_STEPS = 64, 16  # the statistics pass: rows per step, steps per program
-QUANT_ROWS = 64  # rows per program of the Q quantization pass (K's: one block of PAD keys, its scale's block)
 FP8_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))  # P = 448 · 2^(s − m): the full e4m3 range
@@ -64,42 +56,23 @@ MAGIC_F = tl.constexpr(12582912.0)
 M_START = tl.constexpr(-1.0e30)  # the running max before the first tile: finite, so exp2(M_START − m) is 0, no NaN
 
 
-@dataclass(frozen=True)
-class Form:
-    """Tiling of the attention kernel: warp-specialized (``ws``) or plain."""
-
-    ws: bool
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-
-
-# block_n is PAD, the block of the K scales. 2 stages: on an H100 the 3-stage build's outputs differed from the same
-# arithmetic without warp specialization (a race, presumably); the 2-stage build's matched them
-WS_FORM = Form(ws=True, block_m=128, block_n=128, warps=4, stages=2)
-PLAIN_FORM = Form(ws=False, block_m=64, block_n=128, warps=4, stages=3)
-# form_for's switch to WS_FORM. H100, Triton 3.6, self-attention [1, L, 40, 128], whole calls timed interleaved
-# (2026-11-26): warp-specialized / plain = 1.13 at L = 32760, 1.06 at 43680, 1.08 at 54600, 1.03 at 65520, and
-# 0.94-1.02 at 75600 (six runs; the warp-specialized form faster in four). Presumably its fixed cost per program
-# (barriers, the producer's start, the separate Q pass) pays off only over enough key tiles.
-WS_MIN_KEYS = 70000
+# the kernel's tiling. H100, Triton 3.6, self-attention [1, L, 40, 128] (2026-11-26): this software-pipelined 64 x 128
+# form beat the former warp-specialized 128 x 128 form (a TMA producer and two consumer warp groups) at 32760 and at
+# 75600 keys, and a sweep of block_m 64/128, 4/8 warps and 2-4 stages found nothing faster
+BLOCK_M, WARPS, STAGES = 64, 4, 3
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """The attention kernel's operands for one :class:`Form` (LQP, LKP: Lq, Lk padded to a multiple of 128; padded
-    rows are zero). Warp-specialized form: ``q`` INT8 [B·H, LQP, D], one scale per row; ``q_factor`` float32
-    [B·H, LQP] = row scale · log2 e / √D. Plain form: ``q`` is the caller's q [B, Lq, H, D] (fp16/bf16, not
-    copied) and ``q_factor`` is None; the kernel quantizes each row the same way (same rounding, same factor)
-    before its key loop. ``k`` INT8 [B·H, LKP, D] of K minus its mean over the Lk keys, over ``k_scale``;
-    ``k_scale`` float32 [B·H, LKP / 128] = max |k − mean| over the block's real keys / 127 (a block of zeros: a
-    tiny positive floor); ``vt`` e4m3 [B·H, D, LKP] (Vᵀ over ``v_scale``, keys permuted as :func:`_perm_p` for
-    the plain form); ``v_scale`` float32 [B·H, D]. A real base-2 score is q · k (as integers) · q_factor[row] ·
-    k_scale[key // 128]."""
+    """The attention kernel's operands (LKP: Lk padded to a multiple of 128; padded rows are zero). ``q``: the
+    caller's q [B, Lq, H, D] (fp16/bf16, not copied); the kernel quantizes each row to INT8 with one scale per row
+    (:func:`_quant_rows`, factor = row scale · log2 e / √D) before its key loop. ``k`` INT8 [B·H, LKP, D] of K minus
+    its mean over the Lk keys, over ``k_scale``; ``k_scale`` float32 [B·H, LKP / 128] = max |k − mean| over the
+    block's real keys / 127 (a block of zeros: a tiny positive floor); ``vt`` e4m3 [B·H, D, LKP] (Vᵀ over
+    ``v_scale``, keys permuted as :func:`_perm_p`); ``v_scale`` float32 [B·H, D]. A real base-2 score is q · k (as
+    integers) · Q's row factor · k_scale[key // 128]."""
 
     q: torch.Tensor
-    q_factor: Optional[torch.Tensor]
     k: torch.Tensor
     k_scale: torch.Tensor
     vt: torch.Tensor
@@ -130,19 +103,6 @@ def _perm_p(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     For P this makes the wgmma accumulator layout of the scores, register for register, the 8-bit A-operand
     layout of the P·V GEMM (no shuffles); Vᵀ is stored in the same key order."""
     return tl.reshape(tl.permute(tl.reshape(x, [ROWS, COLS // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5]), [ROWS, COLS])
-
-
-@triton.jit
-def _load_f32(ptrs, INTERP: tl.constexpr):
-    """float32 values at ``ptrs``: tl.load in the interpreter, inline PTX on a GPU. The warp-specialization pass
-    moves a tl.load to the producer warp group and fails on a row vector; the inline load stays with each consumer
-    warp group, on its own rows."""
-    if INTERP:
-        x = tl.load(ptrs)
-    else:
-        x = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return x
 
 
 @triton.jit
@@ -198,18 +158,6 @@ def _quant_rows(x, mult):
 
 
 @triton.jit
-def _quant_q(X, Out, Factor, L, LP, H, sb, sl, sh, mult, D: tl.constexpr, ROWS: tl.constexpr):
-    """Program (blk, b·h): ROWS rows of Q [B, L, H, D] -> INT8 Out [B·H, LP, D] and Factor [B·H, LP]
-    (:func:`_quant_rows`)."""
-    blk, bh = tl.program_id(0), tl.program_id(1)
-    rows = blk * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, D)
-    qi, factor = _quant_rows(_load_rows(X, bh, H, rows, L, sb, sl, sh, D), mult)
-    tl.store(Out + (bh.to(tl.int64) * LP + rows[:, None]) * D + cols[None, :], qi)
-    tl.store(Factor + bh.to(tl.int64) * LP + rows, factor)
-
-
-@triton.jit
 def _quant_k(X, Out, KMean, KScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr):
     """Program (blk, b·h): block ``blk`` of ROWS keys of K [B, L, H, D] minus KMean[b·h] -> KScale[b·h, blk]
     (max |k − mean| over the block's keys < L, over 127; floor 1e-30 / 127) and INT8 Out [B·H, LP, D] (rows >= L
@@ -226,61 +174,51 @@ def _quant_k(X, Out, KMean, KScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr, PERM: tl.constexpr,
-             INTERP: tl.constexpr):
+def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.constexpr, INTERP: tl.constexpr):
     """Program (blk, b·h): ROWS rows of V [B, L, H, D] over VScale[b·h] (per channel) -> e4m3 Vᵀ Out [B·H, D, LP]
-    (keys >= L zero; with PERM in the key order of :func:`_perm_p`)."""
+    in the key order of :func:`_perm_p` (keys >= L zero)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
     rows = blk * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
     y = _load_rows(X, bh, H, rows, L, sb, sl, sh, D) / tl.load(VScale + bh * D + cols)[None, :]
     y = _to_fp8(tl.trans(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)), INTERP)
-    if PERM:
-        y = _perm_p(y, D, ROWS)
+    y = _perm_p(y, D, ROWS)
     tl.store(Out + (bh.to(tl.int64) * D + cols[:, None]) * LP + rows[None, :], y)
 
 
 # ------------------------------------------------------------------------------------------------ attention
 @triton.jit
-def _attn_fwd(Q, QF, K, KS, Vt, VScale, Out, Lq, Lk, LQP, LKP, H, sqb, sql, sqh, sob, sol, soh, qmult,
-              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WS: tl.constexpr, INTERP: tl.constexpr):
-    """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: q, QF: q_factor, K: k, KS: k_scale,
-    Vt: vt, VScale: v_scale; BN = the K scale's block); writes Out [B, Lq, H, D] (strides sob, sol, soh). WS: Q is
-    INT8 [B·H, LQP, D] with its row factors QF. Else Q is the caller's [B, Lq, H, D] (strides sqb, sql, sqh) and
-    the program quantizes its rows with :func:`_quant_rows` (factor · ``qmult``) before the key loop. The TMA
-    descriptors are made here, not on the host: the warp-specialization pass splits the Q block between its
-    consumer warp groups."""
+def _attn_fwd(Q, K, KS, Vt, VScale, Out, Lq, Lk, LKP, H, sqb, sql, sqh, sob, sol, soh, qmult, D: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):
+    """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: the caller's q [B, Lq, H, D] with
+    strides sqb, sql, sqh, quantized here with :func:`_quant_rows`, factor · ``qmult``; K: k, KS: k_scale, Vt: vt,
+    VScale: v_scale; BN = the K scale's block); writes Out [B, Lq, H, D] (strides sob, sol, soh)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     nbh = tl.num_programs(1)
     rows = pid_m * BM + tl.arange(0, BM)
     k_desc = tl.make_tensor_descriptor(K, [nbh * LKP, D], [D, 1], [BN, D])
     v_desc = tl.make_tensor_descriptor(Vt, [nbh * D, LKP], [LKP, 1], [D, BN])
-    if WS:
-        q_desc = tl.make_tensor_descriptor(Q, [nbh * LQP, D], [D, 1], [BM, D])
-        q = q_desc.load([bh * LQP + pid_m * BM, 0])
-        qs = _load_f32(QF + bh * LQP + rows, INTERP)
-    else:
-        q, qs = _quant_rows(_load_rows(Q, bh, H, rows, Lq, sqb, sql, sqh, D), qmult)
+    q, qs = _quant_rows(_load_rows(Q, bh, H, rows, Lq, sqb, sql, sqh, D), qmult)
     k_scales = KS + bh * (LKP // BN)
     last = LKP // BN - 1
-    ks = _load_f32(k_scales, INTERP)  # the K scale of the tile to come, loaded one tile ahead
+    ks = tl.load(k_scales)  # the K scale of the tile whose scores are in s
+    s = tl.dot(q, tl.trans(k_desc.load([bh * LKP, 0])))  # int32 scores of the first tile
     m_i = tl.full([BM], M_START, tl.float32)  # running max of the real base-2 scores
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for start in tl.range(0, LKP, BN, warp_specialize=WS):
+    for start in tl.range(0, LKP, BN):
         # per row: c, the real base-2 score of one integer unit; −1.5·2²³·c; log2 448 − 1.5·2²³·c (off the score path)
         c = qs * ks
         neg_off, bias = c * -MAGIC_F, tl.fma(c, -MAGIC_F, LOG2_FP8_MAX)
-        ks = _load_f32(k_scales + tl.minimum(start // BN + 1, last), INTERP)
-        k = k_desc.load([bh * LKP + start, 0])
-        f = (tl.dot(q, tl.trans(k)) + MAGIC_I).to(tl.float32, bitcast=True)  # = 1.5·2²³ + score, exact
+        nxt = tl.minimum(start // BN + 1, last)  # the next tile; after the last, the last again (scores unused)
+        ks = tl.load(k_scales + nxt)
+        f = (s + MAGIC_I).to(tl.float32, bitcast=True)  # = 1.5·2²³ + score, exact
+        s = tl.dot(q, tl.trans(k_desc.load([bh * LKP + nxt * BN, 0])))  # issued before this tile's softmax
         m_new = tl.maximum(m_i, tl.fma(tl.max(f, 1), c, neg_off))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(tl.fma(f, c[:, None], (bias - m_new)[:, None]))  # 448 · 2^(score − m)
         l_i = l_i * alpha + tl.sum(p, 1)
-        p8 = _to_fp8(p, INTERP)
-        if not WS:
-            p8 = _perm_p(p8, BM, BN)
+        p8 = _perm_p(_to_fp8(p, INTERP), BM, BN)
         acc = acc * alpha[:, None] + tl.dot(p8, v_desc.load([bh * D, start]).T)
         m_i = m_new
     # the padded keys (zero rows of K and V, all in the last tile) scored f = 1.5·2²³ there: remove their P from l,
@@ -311,31 +249,24 @@ def _q_mult(head_dim: int) -> float:
     return LOG2E / math.sqrt(head_dim)
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: Form) -> Quantized:
-    """The operands (:class:`Quantized`) of q [B, Lq, H, D], k/v [B, Lk, H, D] (last dim contiguous) for ``form``:
-    Q quantized here for the warp-specialized form only, Vᵀ in the plain form's key order for the plain form."""
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Quantized:
+    """The operands (:class:`Quantized`) of q [B, Lq, H, D], k/v [B, Lk, H, D] (last dim contiguous)."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    lqp, lkp, bh, dev = _padded(lq), _padded(lk), b * h, q.device
+    lkp, bh, dev = _padded(lk), b * h, q.device
     nb = triton.cdiv(lk, STATS_ROWS * STATS_STEPS)
     part = torch.empty(bh, nb, 2, d, dtype=torch.float32, device=dev)
     _kv_stats[(nb, bh)](k, v, part, lk, h, *k.stride()[:3], *v.stride()[:3], D=d, ROWS=STATS_ROWS,
                         STEPS=STATS_STEPS, num_warps=4)
     k_mean, v_scale = (torch.empty(bh, d, dtype=torch.float32, device=dev) for _ in range(2))
     _kv_reduce[(bh,)](part, k_mean, v_scale, lk, nb, D=d, num_warps=1)
-    qi, factor = q, None
-    if form.ws:
-        qi = torch.empty(bh, lqp, d, dtype=torch.int8, device=dev)
-        factor = torch.empty(bh, lqp, dtype=torch.float32, device=dev)
-        _quant_q[(lqp // QUANT_ROWS, bh)](q, qi, factor, lq, lqp, h, *q.stride()[:3], _q_mult(d), D=d,
-                                          ROWS=QUANT_ROWS, num_warps=4)
     ki = torch.empty(bh, lkp, d, dtype=torch.int8, device=dev)
     k_scale = torch.empty(bh, lkp // PAD, dtype=torch.float32, device=dev)
     _quant_k[(lkp // PAD, bh)](k, ki, k_mean, k_scale, lk, lkp, h, *k.stride()[:3], D=d, ROWS=PAD, num_warps=8)
     vt = torch.empty(bh, d, lkp, dtype=torch.float8_e4m3fn, device=dev)
-    _quant_v[(lkp // PAD, bh)](v, vt, v_scale, lk, lkp, h, *v.stride()[:3], D=d, ROWS=PAD, PERM=not form.ws,
-                               INTERP=_interpreting(), num_warps=8)
-    return Quantized(qi, factor, ki, k_scale, vt, v_scale)
+    _quant_v[(lkp // PAD, bh)](v, vt, v_scale, lk, lkp, h, *v.stride()[:3], D=d, ROWS=PAD, INTERP=_interpreting(),
+                               num_warps=8)
+    return Quantized(q, ki, k_scale, vt, v_scale)
 
 
 def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
@@ -343,33 +274,25 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def attend(t: Quantized, lk: int, out: torch.Tensor, form: Form) -> torch.Tensor:
-    """Attention over the quantized operands ``t`` (``lk`` real keys) in ``form``, written into ``out``
-    [B, Lq, H, D] (last dim contiguous); returns out."""
+def attend(t: Quantized, lk: int, out: torch.Tensor) -> torch.Tensor:
+    """Attention over the quantized operands ``t`` (``lk`` real keys), written into ``out`` [B, Lq, H, D] (last dim
+    contiguous); returns out."""
     bh, lkp, d = t.k.shape
-    lqp = _padded(out.shape[1])
-    if form.block_n != PAD:
-        raise ValueError(f"attend needs form.block_n == {PAD}, the block of the K scales; got {form.block_n}")
-    if form.ws != (t.q_factor is not None):
-        raise ValueError("attend: the operands were quantized for the other kernel form; call quantize(q, k, v, form) "
-                         "with the form given to attend")
-    q_strides = (0, 0, 0) if form.ws else t.q.stride()[:3]
 
     def launch():
         triton.set_allocator(_scratch)  # runs in a copy of the caller's context: its allocator stays as it was
-        _attn_fwd[(lqp // form.block_m, bh)](
-            t.q, t.q_factor, t.k, t.k_scale, t.vt, t.v_scale, out, out.shape[1], lk, lqp, lkp, out.shape[2],
-            *q_strides, *out.stride()[:3], _q_mult(d), D=d, BM=form.block_m, BN=form.block_n, WS=form.ws,
-            INTERP=_interpreting(), num_warps=form.warps, num_stages=form.stages)
+        _attn_fwd[(triton.cdiv(out.shape[1], BLOCK_M), bh)](
+            t.q, t.k, t.k_scale, t.vt, t.v_scale, out, out.shape[1], lk, lkp, out.shape[2], *t.q.stride()[:3],
+            *out.stride()[:3], _q_mult(d), D=d, BM=BLOCK_M, BN=PAD, INTERP=_interpreting(), num_warps=WARPS,
+            num_stages=STAGES)
 
     contextvars.copy_context().run(launch)
     return out
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: Optional[Form] = None) -> torch.Tensor:
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √D) v with 8-bit operands. q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16 on one device,
-    NHD with a contiguous last dim, D in {64, 128}. Returns [B, Lq, H, D] contiguous in q's dtype. ``form``: the
-    kernel form (default: :func:`form_for` q's device, D and Lk)."""
+    NHD with a contiguous last dim, D in {64, 128}. Returns [B, Lq, H, D] contiguous in q's dtype."""
     b, lq, h, d = q.shape
     if d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"fp8_attention takes fp16/bf16 with head dim 64 or 128, got {q.dtype} and {d}")
@@ -380,34 +303,9 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: Optio
         raise ValueError("fp8_attention needs q, k, v of one dtype on one device")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError("fp8_attention needs q, k, v with a contiguous last dim; call .contiguous() first")
-    form = form or form_for(q.device, d, k.shape[1])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton: the current device
-            return attend(quantize(q, k, v, form), k.shape[1], out, form)
+            return attend(quantize(q, k, v), k.shape[1], out)
     except TritonError as err:  # a compile or resource failure: the caller's fallback handles RuntimeError
         raise RuntimeError(f"the Triton 8-bit attention kernel cannot run here ({type(err).__name__}: {err})") from err
-
-
-def form_for(device: torch.device, head_dim: int, keys: int) -> Form:
-    """The kernel form for a call with ``keys`` keys: WS_FORM from WS_MIN_KEYS keys on, on an sm_90 GPU where this
-    Triton compiles it and it agrees with PLAIN_FORM on a probe (:func:`_ws_agrees`); else PLAIN_FORM."""
-    if keys < WS_MIN_KEYS:
-        return PLAIN_FORM
-    return WS_FORM if _ws_agrees(device, head_dim) else PLAIN_FORM
-
-
-@functools.cache
-def _ws_agrees(device: torch.device, head_dim: int) -> bool:
-    """Whether WS_FORM runs on ``device`` (sm_90, not the interpreter) and agrees with PLAIN_FORM on a probe
-    (relative difference below 1e-3: the two do the same arithmetic, in another order)."""
-    if device.type != "cuda" or _interpreting() or torch.cuda.get_device_capability(device) != (9, 0):
-        return False
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(2, n, 3, head_dim, generator=gen, device=device).bfloat16() for n in (300, 777, 777))
-    plain = fp8_attention(q, k, v, PLAIN_FORM).float()
-    try:
-        ws = fp8_attention(q, k, v, WS_FORM).float()
-    except (RuntimeError, ValueError):
-        return False
-    return bool(torch.isfinite(ws).all()) and float((ws - plain).norm() / plain.norm()) < 1e-3

@@ -161,11 +161,10 @@ def test_triton_8bit_kernel(outliers):
 
 @pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
 @pytest.mark.parametrize("lq, lk, d", [(1000, 777, 128), (300, 64, 64)])
-def test_triton_8bit_kernel_forms(lq, lk, d):
-    """Both forms of the 8-bit kernel (warp-specialized and plain) on B=2 transposed / sliced inputs, odd lengths
-    (padded queries and keys): finite, within 5 % of float32 math, and equal to each other up to summation order (a
-    race or a wrong split of the rows between warp groups shows here). Strided inputs give the contiguous result in
-    both forms (the plain form quantizes the strided q inside its kernel)."""
+def test_triton_8bit_kernel_batched_strided_odd_lengths(lq, lk, d):
+    """The 8-bit kernel on B=2 transposed / sliced inputs with odd lengths (padded queries and keys): finite, within
+    5 % of float32 math, contiguous in q's dtype; strided inputs (the kernel reads the strided q itself) give the
+    contiguous inputs' result."""
     if capability() != (9, 0):
         pytest.skip("the Triton 8-bit kernel targets sm_90")
     from infinitetalk import attention_triton as T
@@ -173,29 +172,12 @@ def test_triton_8bit_kernel_forms(lq, lk, d):
     q, k, v = inputs(b=2, lq=lq, lk=lk, h=4, d=d)
     qc, kc, vc = (t.contiguous() for t in (q, k, v))
     ref = reference(qc, kc, vc)
-    outs = {form: T.fp8_attention(qc, kc, vc, form) for form in (T.WS_FORM, T.PLAIN_FORM)}
-    strided = {form: T.fp8_attention(q, k, v, form) for form in (T.WS_FORM, T.PLAIN_FORM)}
+    out, strided = T.fp8_attention(qc, kc, vc), T.fp8_attention(q, k, v)
     torch.cuda.synchronize()
-    for form, out in outs.items():
-        assert out.shape == qc.shape and out.is_contiguous() and out.dtype == qc.dtype, form
-        assert bool(torch.isfinite(out).all()), form
-        assert relative_error(out, ref) < 0.05, (form, relative_error(out, ref))
-        assert relative_error(strided[form], out) < 1e-5, form  # the plain form reads the strided q in its kernel
-    assert relative_error(outs[T.WS_FORM], outs[T.PLAIN_FORM]) < 1e-3
-
-
-@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
-def test_triton_8bit_kernel_form_by_key_count():
-    """form_for: the plain form below WS_MIN_KEYS keys (it ran faster there on an H100), the warp-specialized form
-    from there on where this Triton compiles it and it agrees with the plain form; fp8_attention's default follows."""
-    if capability() != (9, 0):
-        pytest.skip("the Triton 8-bit kernel targets sm_90")
-    from infinitetalk import attention_triton as T
-
-    assert T.form_for(CUDA, 128, T.WS_MIN_KEYS - 1) == T.PLAIN_FORM
-    assert T.form_for(CUDA, 128, T.WS_MIN_KEYS) == (T.WS_FORM if T._ws_agrees(CUDA, 128) else T.PLAIN_FORM)
-    q, k, v = (t.contiguous() for t in inputs(b=1, lq=300, lk=500, h=2))
-    assert torch.equal(T.fp8_attention(q, k, v), T.fp8_attention(q, k, v, T.PLAIN_FORM))
+    assert out.shape == qc.shape and out.is_contiguous() and out.dtype == qc.dtype
+    assert bool(torch.isfinite(out).all())
+    assert relative_error(out, ref) < 0.05, relative_error(out, ref)
+    assert relative_error(strided, out) < 1e-5
 
 
 def extreme_inputs(case: str, lq=700, h=4, d=128):
@@ -221,19 +203,17 @@ def extreme_inputs(case: str, lq=700, h=4, d=128):
 def test_triton_8bit_kernel_block_scales_and_extreme_scores(case):
     """K scaled per 128-key block: a block 100x larger than the rest leaves the small keys their resolution (one
     scale per head: ~50 % error). Padded keys (real score 0) are removed from l exactly, also where every raw score
-    is far below 0. Both forms: finite, close to float32 math and to each other."""
+    is far below 0: finite and close to float32 math."""
     if capability() != (9, 0):
         pytest.skip("the Triton 8-bit kernel targets sm_90")
     from infinitetalk import attention_triton as T
 
     q, k, v = extreme_inputs(case)
     ref = reference(q, k, v)
-    outs = {form: T.fp8_attention(q, k, v, form) for form in (T.WS_FORM, T.PLAIN_FORM)}
+    out = T.fp8_attention(q, k, v)
     torch.cuda.synchronize()
-    for form, out in outs.items():
-        assert bool(torch.isfinite(out).all()), form
-        assert relative_error(out, ref) < 0.06, (form, relative_error(out, ref))
-    assert relative_error(outs[T.WS_FORM], outs[T.PLAIN_FORM]) < 1e-3
+    assert bool(torch.isfinite(out).all())
+    assert relative_error(out, ref) < 0.06, relative_error(out, ref)
 
 
 @pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
