@@ -24,7 +24,6 @@ import enum
 import functools
 import logging
 import math
-import zlib
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -96,7 +95,9 @@ class KernelSpec:
     package cannot be used (version, broken build) or None; ``accepts(q, k, v)`` is the per-call shape check on the
     prepared operands. ``min_keys``: calls with fewer keys run the next kernel of the chain that takes them (where
     the kernel was measured slower than the exact ones; the self-test and a chain of one still run it).
-    ``tolerance``: relative error bound of the self-test against float32 math.
+    ``tolerance``: relative error bound of the self-test against float32 math. ``run_rows(q, k, v)``: the same
+    attention written as e4m3 rows for an fp8 row-wise GEMM, ``(data [B, Lq, H, D], scale float32 [B·Lq, 1])``,
+    where the kernel can (see :meth:`AttentionBackend.rows_e4m3`).
     """
 
     name: str
@@ -118,6 +119,7 @@ class KernelSpec:
     min_keys: int = 0
     tolerance: float = 0.02
     reference: bool = False
+    run_rows: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,14 @@ class AttentionBackend:
                  k_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_operands(q, k, v)
         return self.fn(q, k, v, k_lens)
+
+    def rows_e4m3(self, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``self(q, k, v)`` written as the e4m3 activations of an fp8 row-wise GEMM (the output projection's):
+        (data [B·Lq, H·D] e4m3 contiguous, scale float32 [B·Lq, 1]), output ≈ data · scale per row, when the kernel
+        this call runs writes them itself (``KernelSpec.run_rows``); else None, and the caller calls the back-end."""
+        _check_operands(q, k, v)
+        return _run_rows(self.chain, _allows_cast(self.requested), q, k, v)
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
@@ -195,12 +205,6 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: Op
 
 # ---------------------------------------------------------------------------------------------- the registry
 
-def _triton_fp8_run(q, k, v, k_lens):
-    from . import attention_triton
-
-    return attention_triton.fp8_attention(q, k, v)
-
-
 _SDPA_CCS = ((9, 0), (10, 0), (10, 3))
 _ANY = 1 << 30
 
@@ -233,8 +237,8 @@ _KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
                head_dims=(64, 128), layout=Layout.HND, mutates_k=True, package="sageattn3",
                install=ext.SAGE3_INSTALL, tolerance=0.3),
     KernelSpec("triton_fp8", "this pack's Triton INT8-QK / FP8-PV attention for sm_90",
-               _triton_fp8_run, ccs=((9, 0),), head_dims=(64, 128), package="triton", install=ext.TRITON_INSTALL,
-               min_keys=TRITON_FP8_MIN_KEYS, tolerance=0.08),
+               ext.triton_fp8_run, ccs=((9, 0),), head_dims=(64, 128), package="triton", install=ext.TRITON_INSTALL,
+               min_keys=TRITON_FP8_MIN_KEYS, tolerance=0.08, run_rows=ext.triton_fp8_rows),
 )}
 
 
@@ -422,7 +426,7 @@ def _verify_operands(spec: KernelSpec, given: tuple, used: tuple, reported: set)
 def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> torch.Tensor:
     """Dispatch one call to the first kernel of ``chain`` that takes it; padded keys go to a masked kernel as a
     mask, otherwise one call per batch element with its keys sliced. Output [B, Lq, H, D] contiguous, q's dtype."""
-    lens = None if k_lens is None else _key_lengths(k_lens, q.shape[0], k.shape[1])
+    lens = None if k_lens is None else ext.key_lengths(k_lens, q.shape[0], k.shape[1])
     if lens is not None and all(n == k.shape[1] for n in lens):
         lens = None
     first = next((spec for spec in chain if _fits(spec, q, allow_cast) is not None), None)
@@ -438,24 +442,20 @@ def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> to
     return out.to(q.dtype).contiguous()
 
 
-def _key_lengths(k_lens: torch.Tensor, batch: int, lk: int) -> list[int]:
-    lens = [int(n) for n in k_lens.reshape(-1).tolist()]
-    if len(lens) != batch or any(n < 1 or n > lk for n in lens):
-        raise ValueError(f"k_lens must hold {batch} key counts in 1..{lk}, got {lens}")
-    return lens
+@torch.compiler.disable
+def _run_rows(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """:meth:`AttentionBackend.rows_e4m3` for the kernel of ``chain`` that takes this call, or None."""
+    spec, qp, kp, vp = _pick(chain, q, k, v, allow_cast)
+    if spec.run_rows is None:
+        return None
+    reported = _CHECKS.get()
+    if reported is not None:
+        _verify_operands(spec, (q, k, v), (qp, kp, vp), reported)
+    data, scale = spec.run_rows(qp, kp, vp)
+    return data.view(q.shape[0] * q.shape[1], -1), scale
 
 
 # ---------------------------------------------------------------------------------------------- self-test
-
-def _self_test_inputs(name: str, lengths: tuple[int, int], d: int, dtype: torch.dtype, device: torch.device):
-    """Gaussian q [2, Lq, 3, d] (a transposed slice), k [2, Lk, 3, d] (contiguous: a kernel writing into it is
-    caught) and v (a slice of an interleaved buffer) in ``dtype`` on ``device``, seeded by the kernel name."""
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    lq, lk = lengths
-    q = torch.randn(2, 3, lq + 5, d, generator=gen).to(dtype).to(device).transpose(1, 2)[:, 5:]
-    kv = torch.randn(2, lk, 2, 3, d, generator=gen).to(dtype).to(device)
-    return q, kv[:, :, 0].contiguous(), kv[:, :, 1]
-
 
 @functools.cache
 def self_test(name: str, device: torch.device, dtype: torch.dtype, allow_cast: bool) -> Optional[str]:
@@ -467,7 +467,7 @@ def self_test(name: str, device: torch.device, dtype: torch.dtype, allow_cast: b
     if d is None:
         return "takes none of the self-test head dims"
     for lengths in ((300, 200), (256, 384)):
-        q, k, v = _self_test_inputs(name, lengths, d, dtype, device)
+        q, k, v = ext.self_test_inputs(name, lengths, d, dtype, device)
         if _fits(spec, q, allow_cast) is not None and (
                 spec.accepts is None or spec.accepts(*(_operand(t, spec.layout, run_dtype) for t in (q, k, v)))):
             break

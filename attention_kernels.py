@@ -14,6 +14,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import zlib
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -141,6 +142,38 @@ def flash3_run(q, k, v, k_lens):
 def flash4_run(q, k, v, k_lens):
     """FlashAttention 4 (CuTe DSL, compiled on first call), NHD."""
     return _output(load("flash_attn.cute").flash_attn_func(q, k, v, causal=False))
+
+
+def triton_fp8_run(q, k, v, k_lens):
+    """The pack's Triton INT8-QK / FP8-PV attention (sm_90), NHD."""
+    from . import attention_triton
+
+    return attention_triton.fp8_attention(q, k, v)
+
+
+def triton_fp8_rows(q, k, v):
+    """The same, written as e4m3 rows with their scale for an fp8 row-wise GEMM."""
+    from . import attention_triton
+
+    return attention_triton.fp8_attention_rows(q, k, v)
+
+
+def key_lengths(k_lens: torch.Tensor, batch: int, lk: int) -> list[int]:
+    """``k_lens`` (one key count per batch element) as a checked list."""
+    lens = [int(n) for n in k_lens.reshape(-1).tolist()]
+    if len(lens) != batch or any(n < 1 or n > lk for n in lens):
+        raise ValueError(f"k_lens must hold {batch} key counts in 1..{lk}, got {lens}")
+    return lens
+
+
+def self_test_inputs(name: str, lengths: tuple[int, int], d: int, dtype: torch.dtype, device: torch.device):
+    """Gaussian q [2, Lq, 3, d] (a transposed slice), k [2, Lk, 3, d] (contiguous: a kernel writing into it is
+    caught) and v (a slice of an interleaved buffer) in ``dtype`` on ``device``, seeded by the kernel name."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    lq, lk = lengths
+    q = torch.randn(2, 3, lq + 5, d, generator=gen).to(dtype).to(device).transpose(1, 2)[:, 5:]
+    kv = torch.randn(2, lk, 2, 3, d, generator=gen).to(dtype).to(device)
+    return q, kv[:, :, 0].contiguous(), kv[:, :, 1]
 
 
 def sage_probe(major: int) -> Probe:

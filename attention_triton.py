@@ -188,11 +188,12 @@ def _quant_v(X, Out, VScale, L, LP, H, sb, sl, sh, D: tl.constexpr, ROWS: tl.con
 
 # ------------------------------------------------------------------------------------------------ attention
 @triton.jit
-def _attn_fwd(Q, K, KS, Vt, VScale, Out, Lq, Lk, LKP, H, sqb, sql, sqh, sob, sol, soh, qmult, D: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):
+def _attn_fwd(Q, K, KS, Vt, VScale, Out, OutScale, Lq, Lk, LKP, H, sqb, sql, sqh, sob, sol, soh, qmult,
+              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):
     """Program (BM query rows, b·h) over the operands of :class:`Quantized` (Q: the caller's q [B, Lq, H, D] with
     strides sqb, sql, sqh, quantized here with :func:`_quant_rows`, factor · ``qmult``; K: k, KS: k_scale, Vt: vt,
-    VScale: v_scale; BN = the K scale's block); writes Out [B, Lq, H, D] (strides sob, sol, soh)."""
+    VScale: v_scale; BN = the K scale's block); writes Out [B, Lq, H, D] (strides sob, sol, soh). OutScale: None,
+    or a float32 pointer to the one scale of an e4m3 Out (Out = output / scale, saturated to ±448)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     nbh = tl.num_programs(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -229,7 +230,12 @@ def _attn_fwd(Q, K, KS, Vt, VScale, Out, Lq, Lk, LKP, H, sqb, sql, sqh, sob, sol
     pad_p = tl.math.exp2(tl.fma(tl.full([BM], MAGIC_F, tl.float32), c, tl.fma(c, -MAGIC_F, LOG2_FP8_MAX) - m_i))
     l_i = tl.where(LKP > Lk, l_i - (LKP - Lk) * pad_p, l_i)
     cols = tl.arange(0, D)
-    out = acc * (tl.load(VScale + bh * D + cols)[None, :] / l_i[:, None])
+    v_scale = tl.load(VScale + bh * D + cols)
+    if OutScale is not None:
+        v_scale = v_scale / tl.load(OutScale)
+    out = acc * (v_scale[None, :] / l_i[:, None])
+    if OutScale is not None:
+        out = _to_fp8(tl.minimum(tl.maximum(out, -FP8_MAX), FP8_MAX), INTERP)
     b, h = (bh // H).to(tl.int64), bh % H
     tl.store(Out + b * sob + h * soh + rows[:, None] * sol + cols[None, :], out.to(Out.dtype.element_ty),
              mask=rows[:, None] < Lq)
@@ -274,17 +280,18 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def attend(t: Quantized, lk: int, out: torch.Tensor) -> torch.Tensor:
+def attend(t: Quantized, lk: int, out: torch.Tensor, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over the quantized operands ``t`` (``lk`` real keys), written into ``out`` [B, Lq, H, D] (last dim
-    contiguous); returns out."""
+    contiguous); returns out. ``out_scale``: for an e4m3 ``out``, a float32 tensor whose first element is the scale
+    (out = attention output / scale, saturated)."""
     bh, lkp, d = t.k.shape
 
     def launch():
         triton.set_allocator(_scratch)  # runs in a copy of the caller's context: its allocator stays as it was
         _attn_fwd[(triton.cdiv(out.shape[1], BLOCK_M), bh)](
-            t.q, t.k, t.k_scale, t.vt, t.v_scale, out, out.shape[1], lk, lkp, out.shape[2], *t.q.stride()[:3],
-            *out.stride()[:3], _q_mult(d), D=d, BM=BLOCK_M, BN=PAD, INTERP=_interpreting(), num_warps=WARPS,
-            num_stages=STAGES)
+            t.q, t.k, t.k_scale, t.vt, t.v_scale, out, out_scale, out.shape[1], lk, lkp, out.shape[2],
+            *t.q.stride()[:3], *out.stride()[:3], _q_mult(d), D=d, BM=BLOCK_M, BN=PAD, INTERP=_interpreting(),
+            num_warps=WARPS, num_stages=STAGES)
 
     contextvars.copy_context().run(launch)
     return out
@@ -293,6 +300,29 @@ def attend(t: Quantized, lk: int, out: torch.Tensor) -> torch.Tensor:
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √D) v with 8-bit operands. q [B, Lq, H, D], k/v [B, Lk, H, D]: fp16/bf16 on one device,
     NHD with a contiguous last dim, D in {64, 128}. Returns [B, Lq, H, D] contiguous in q's dtype."""
+    _check(q, k, v)
+    with _running_on(q.device):
+        return attend(quantize(q, k, v), k.shape[1], torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+def fp8_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_attention` written as the e4m3 activations of an fp8 row-wise GEMM (the output projection):
+    (data e4m3 [B, Lq, H, D] contiguous, scale float32 [B·Lq, 1] contiguous), output ≈ data · scale per row.
+
+    One scale for every row: max |v| over the whole call / 448. An attention output is a convex combination of its
+    values, so |output| <= max |v| per head and channel, and data needs no pass over the output to find its range
+    (rounding of P can put a value a few percent above it: saturated). e4m3 keeps its 3 significant bits down to
+    1/28672 of that range (2⁻⁶ against 448), so a row far smaller than the largest v loses little against a per-row
+    scale."""
+    _check(q, k, v)
+    with _running_on(q.device):
+        t = quantize(q, k, v)
+        scale = t.v_scale.amax().reshape(1, 1)  # v_scale: max |v| / 448 per head and channel
+        data = attend(t, k.shape[1], torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device), scale)
+    return data, scale.expand(q.shape[0] * q.shape[1], 1).contiguous()
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     b, lq, h, d = q.shape
     if d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"fp8_attention takes fp16/bf16 with head dim 64 or 128, got {q.dtype} and {d}")
@@ -303,9 +333,14 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
         raise ValueError("fp8_attention needs q, k, v of one dtype on one device")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError("fp8_attention needs q, k, v with a contiguous last dim; call .contiguous() first")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@contextlib.contextmanager
+def _running_on(device: torch.device):
+    """Triton launches on the current CUDA device: make it ``device``. A Triton compile or resource failure becomes a
+    RuntimeError, which the caller's fallback handles."""
     try:
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton: the current device
-            return attend(quantize(q, k, v), k.shape[1], out)
-    except TritonError as err:  # a compile or resource failure: the caller's fallback handles RuntimeError
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            yield
+    except TritonError as err:
         raise RuntimeError(f"the Triton 8-bit attention kernel cannot run here ({type(err).__name__}: {err})") from err

@@ -5,7 +5,9 @@ Usage: python benchmarks/attention_fp8_kernel.py [--tokens 32760,75600] [--out D
 For q, k, v = [1, L, 40, 128] bf16 (the inputs of benchmarks/attention_bench.py), median CUDA-event times of --reps
 calls after --warmup, cuDNN and the 8-bit kernel interleaved call by call (so a clock change hits both): cuDNN SDPA,
 the whole 8-bit call (quantization + attention), the attention kernel alone on operands quantized once (it quantizes
-Q itself, so its time includes Q's quantization), and the K/V quantization passes alone.
+Q itself, so its time includes Q's quantization), the K/V quantization passes alone, and, for the fp8 output
+projection, the call followed by a per-token e4m3 quantization of its output against the call writing e4m3 rows
+itself (``fp8_attention_rows``).
 rel. error: ‖out − ref‖ / ‖ref‖ over --ref-rows query rows against float32 math, on Gaussian inputs and on the
 "outliers" inputs (4 of the 128 channels of q and k scaled by 5).
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attention_bench as bench  # noqa: E402 (registers the pack as `infinitetalk`)
 from infinitetalk import attention_triton as T  # noqa: E402
 from infinitetalk.attention import relative_error  # noqa: E402
+from infinitetalk.quant_formats import quantize_rows_e4m3  # noqa: E402
 
 
 def cudnn(q, k, v):
@@ -58,14 +61,31 @@ def measure(tokens: int, args, device: torch.device) -> list[dict]:
         return {kind: relative_error(fn(*qkv)[:, rows_idx], refs[kind]) for kind, qkv in inputs.items()}
 
     quantized, out = T.quantize(q, k, v), torch.empty_like(q)
+
+    def then_quantized():  # what the fp8 output projection does with a bf16 attention output
+        return quantize_rows_e4m3(T.fp8_attention(q, k, v).view(tokens, -1), 0)
+
     ms = interleaved({"cudnn": lambda: cudnn(q, k, v), "8-bit call": lambda: T.fp8_attention(q, k, v),
                       "8-bit kernel alone": lambda: T.attend(quantized, tokens, out),
-                      "K/V quantization alone": lambda: T.quantize(q, k, v)}, device, args.warmup, args.reps)
-    err = {"cudnn": errors(cudnn), "8-bit call": errors(T.fp8_attention)}
+                      "K/V quantization alone": lambda: T.quantize(q, k, v),
+                      "8-bit call, then per-token e4m3 quantization": then_quantized,
+                      "8-bit call writing e4m3 rows": lambda: T.fp8_attention_rows(q, k, v)},
+                     device, args.warmup, args.reps)
+    def rows_as_output(rows_fn):
+        def run(a, b, c):
+            data, scale = rows_fn(a, b, c)
+            return (data.float().view(tokens, -1) * scale).view(a.shape)
+        return run
+
+    err = {"cudnn": errors(cudnn), "8-bit call": errors(T.fp8_attention),
+           "8-bit call, then per-token e4m3 quantization": errors(rows_as_output(
+               lambda a, b, c: quantize_rows_e4m3(T.fp8_attention(a, b, c).view(tokens, -1), 0))),
+           "8-bit call writing e4m3 rows": errors(rows_as_output(T.fp8_attention_rows))}
     rows = []
     for name, t in ms.items():
         row = dict(tokens=tokens, what=name, ms=t, err=err.get(name))
-        if name != "K/V quantization alone":
+        if name not in ("K/V quantization alone", "8-bit call, then per-token e4m3 quantization",
+                        "8-bit call writing e4m3 rows"):
             row.update(tflops=flop / t / 1e9, vs_cudnn=ms["cudnn"] / t)
         rows.append(row)
     return rows

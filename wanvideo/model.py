@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionBackend
-from ..fp8_optimization import Ops, QuantMode, ops_for, projections
+from ..fp8_optimization import Ops, QuantMode, ops_for, projections, takes_quantized_rows
 from ..quant_gemm import QuantizedRows
 from .config import WanConfig
 from .layers import (FeedForward, MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual,
@@ -66,7 +66,13 @@ class WanSelfAttention(nn.Module):
         return q, k, next(outputs).unflatten(-1, heads)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention over all keys and the output projection: [B, S, heads, head_dim] -> [B, S, dim]."""
+        """Attention over all keys and the output projection: [B, S, heads, head_dim] -> [B, S, dim]. Where ``o``
+        runs the fp8 row-wise GEMM and the attention kernel writes its output quantized for it
+        (``AttentionBackend.rows_e4m3``), ``o`` takes those rows: no separate quantization pass."""
+        if takes_quantized_rows((self.o,), q.flatten(2)):
+            rows = self.attention.rows_e4m3(q, k, v)
+            if rows is not None:
+                return self.o(QuantizedRows(*rows, tuple(q.shape[:2]), q.dtype))
         return self.o(self.attention(q, k, v).flatten(2))
 
     def forward(self, x: Activation, rope: RopeTable) -> torch.Tensor:

@@ -245,6 +245,53 @@ def test_triton_8bit_kernel_inside_the_infinitetalk_model():
     assert 0 < err < 0.05, err
 
 
+@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
+def test_triton_8bit_kernel_writes_e4m3_rows_for_the_output_projection():
+    """fp8_attention_rows on B=2 strided inputs with odd lengths: e4m3 [B, Lq, H, D] and one scale per call
+    (max |v| / 448) as [B·Lq, 1]; data · scale is the output within one e4m3 rounding, never past ±448."""
+    if capability() != (9, 0):
+        pytest.skip("the Triton 8-bit kernel targets sm_90")
+    from infinitetalk import attention_triton as T
+
+    q, k, v = inputs(b=2, lq=1000, lk=777, h=4, d=128)
+    data, scale = T.fp8_attention_rows(q, k, v)
+    out = T.fp8_attention(q, k, v).float().reshape(2000, 512)
+    torch.cuda.synchronize()
+    assert data.dtype == torch.float8_e4m3fn and data.shape == q.shape and data.is_contiguous()
+    assert scale.shape == (2000, 1) and scale.is_contiguous() and torch.allclose(scale, v.float().abs().amax() / 448)
+    assert float(data.float().abs().max()) <= 448
+    assert 0.005 < relative_error(data.float().reshape(2000, 512) * scale, out) < 0.035
+
+
+@pytest.mark.skipif(not ext.installed("triton"), reason="needs triton")
+def test_fp8_model_takes_the_attention_kernels_e4m3_rows(tmp_path):
+    """fp8 _fast with the 8-bit kernel: each block's self-attention writes its output as e4m3 rows for the o
+    projection (AttentionBackend.rows_e4m3, no quantization pass); the model output stays within fp8 noise of the
+    same model whose o projection quantizes the bf16 attention output itself."""
+    if capability() != (9, 0):
+        pytest.skip("the Triton 8-bit kernel targets sm_90")
+    from infinitetalk.attention import AttentionMode, build_backend
+    from tiny_infinitetalk import forward, load_on_cuda, tiny_config, tiny_inputs, write_weights
+
+    calls = []
+
+    def counted_rows(q, k, v):
+        calls.append(tuple(q.shape))
+        return ext.triton_fp8_rows(q, k, v)
+
+    cfg = tiny_config(2)
+    path = write_weights(cfg, tmp_path / "tiny.safetensors")
+    every_call = dataclasses.replace(A._KERNELS["triton_fp8"], min_keys=0, run_rows=counted_rows)
+    models = [load_on_cuda(path, "fp8_e4m3fn_scaled_fast", build_backend(AttentionMode.SAGEATTN,
+                                                                          (spec, A._KERNELS["sdpa"])))
+              for spec in (every_call, dataclasses.replace(every_call, run_rows=None))]
+    args = tiny_inputs(cfg)
+    rows, plain = (forward(model, args).float() for model in models)
+    assert len(calls) == cfg.num_layers  # one per block: the self-attention
+    assert bool(torch.isfinite(rows).all())
+    assert 0 < relative_error(rows, plain) < 0.03
+
+
 def test_sageattn_runs_short_key_calls_on_an_exact_kernel():
     """The 8-bit kernel only takes calls with at least TRITON_FP8_MIN_KEYS keys (self-attention); the text, CLIP and
     audio cross-attention (257 to 512 keys, and 32 per frame) run the next kernel, which is faster there."""

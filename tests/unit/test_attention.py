@@ -19,6 +19,7 @@ from infinitetalk.attention import (ATTENTION_MODES, AttentionMode, KernelSpec, 
                                     math_attention, register_external, resolve)
 from infinitetalk.fp8_optimization import ops_for
 from infinitetalk.multitalk.audio_attention import SingleStreamMutiAttention
+from infinitetalk.quant_formats import quantize_rows_e4m3
 from infinitetalk.wanvideo.config import AudioConfig, WanConfig
 
 CPU = torch.device("cpu")
@@ -251,6 +252,25 @@ def test_calls_with_few_keys_go_to_the_next_kernel_unless_it_is_the_last():
     assert alone.kernel_for(*strided_inputs(lq=30, lk=20)) == "long_only"
 
 
+def test_rows_e4m3_come_from_the_kernel_that_takes_the_call():
+    """AttentionBackend.rows_e4m3: the e4m3 rows and scale of the kernel that runs this call when it writes them
+    (KernelSpec.run_rows, given its prepared contiguous operands); None when that kernel does not (here: a call
+    with fewer keys than the 8-bit kernel takes goes to the exact kernel), so the caller runs the back-end."""
+    def rows(q, k, v):
+        assert all(t.is_contiguous() for t in (q, k, v))
+        out = math_attention(q, k, v)
+        data, scale = quantize_rows_e4m3(out.reshape(-1, out.shape[2] * out.shape[3]), 0)
+        return data.view(out.shape), scale
+
+    backend = build_backend(AttentionMode.SAGEATTN, (spec("long_only", min_keys=64, run_rows=rows), spec("exact")))
+    q, k, v = strided_inputs(lq=30, lk=64)
+    data, scale = backend.rows_e4m3(q, k, v)
+    assert data.dtype == torch.float8_e4m3fn and data.shape == (2 * 30, q.shape[2] * q.shape[3])
+    assert rel(data.float() * scale, backend(q, k, v).reshape(data.shape)) < 0.035
+    assert backend.rows_e4m3(*strided_inputs(lq=30, lk=63)) is None
+    assert resolve("sdpa", "cpu", torch.float32).rows_e4m3(q, k, v) is None
+
+
 def test_float32_is_cast_to_bf16_only_for_half_modes():
     half = spec("half", dtypes=(torch.bfloat16,))
     q, k, v = strided_inputs(lq=64, lk=40, d=32)
@@ -414,6 +434,23 @@ k = torch.randn(1, 1, 2, d, generator=gen).expand(1, 256, 2, d).bfloat16().conti
 print(json.dumps(dict(case="constant", **attend(q, k, torch.randn(1, 256, 2, d, generator=gen).bfloat16()))))
 k, v = (torch.randn(1, 1, 2, d, generator=gen).bfloat16() for _ in range(2))
 print(json.dumps(dict(case="one key", **attend(q, k, v))))
+
+# the output written as e4m3 rows with one scale (max |v| / 448) for the output projection's fp8 GEMM; "outlier v":
+# one channel of v 50x larger, so every other channel's output sits far below the scale's range
+for name, boost in (("rows", 1.0), ("rows outlier v", 50.0)):
+    q, k, v = (torch.randn(2, 257, 2, 64, generator=gen) for _ in range(3))
+    v[..., 0] *= boost
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    data, scale = T.fp8_attention_rows(q, k, v)
+    out = T.fp8_attention(q, k, v).float().reshape(2 * 257, 128)
+    back = data.float().reshape(2 * 257, 128) * scale
+    small = [c for c in range(128) if c % 64]  # the channels that were not boosted
+    print(json.dumps(dict(case=name, err=relative_error(back, out), err_small=relative_error(back[:, small],
+                          out[:, small]), amax=float(data.float().abs().max()),
+                          exact=bool(data.dtype == torch.float8_e4m3fn and data.shape == q.shape
+                                     and data.is_contiguous() and scale.shape == (2 * 257, 1)
+                                     and scale.is_contiguous() and scale.dtype == torch.float32
+                                     and torch.allclose(scale, v.float().abs().amax() / 448)))))
 """
 
 
@@ -451,6 +488,17 @@ def test_triton_8bit_attention_scales_k_per_block(triton_interpreted):
     (row,) = triton_interpreted["blocks"]
     assert 20 < row["scale_ratio"] < 200, row
     assert row["finite"] and row["out_err"] < 0.06, row
+
+
+@pytest.mark.parametrize("case", ["rows", "rows outlier v"])
+def test_triton_8bit_attention_writes_e4m3_rows(triton_interpreted, case):
+    """fp8_attention_rows: the same attention as e4m3 [B, Lq, H, D] with one scale per call (max |v| / 448, since an
+    output is a convex combination of the values), as [B·Lq, 1] float32 for the fp8 row-wise GEMM. Its values are
+    the output within one e4m3 rounding (~2.6 %), also for channels 50x below the largest v (e4m3's relative
+    precision reaches 1/28672 of its range), and never past ±448."""
+    (row,) = triton_interpreted[case]
+    assert row["exact"] and row["amax"] <= 448, row
+    assert 0.005 < row["err"] < 0.035 and row["err_small"] < 0.035, row
 
 
 @pytest.mark.parametrize("case", ["negative", "constant", "one key"])
