@@ -12,6 +12,8 @@ So the unquantized activation is never written to memory.
         ``·(1 + scale) + shift``, rounded again. x [B, S, C] bf16/fp16 with a contiguous last dim; M = B·S.
     gelu_e4m3(x, approximate) -> (e4m3 [M, C], float32 [M, 1])
         GELU with the tanh approximation of x [..., C] (contiguous rows), rounded.
+    sum_e4m3(x, *others) -> (e4m3 [M, C], float32 [M, 1])
+        x + others (each [..., C] of x's shape and dtype: the cross-attention's text and image outputs), rounded.
 """
 from __future__ import annotations
 
@@ -77,6 +79,18 @@ def _gelu_tanh_e4m3(X, Out, OutScale, C, BLOCK: tl.constexpr):
     _store_quantized(y, cols, mask, Out, OutScale, row, C)
 
 
+@triton.jit
+def _sum_e4m3(X, Y, Out, OutScale, C, BLOCK: tl.constexpr):
+    """Program r: row r of X + Y (both [M, C], contiguous)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < C
+    offsets = row.to(tl.int64) * C + cols
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = (x + tl.load(Y + offsets, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+    _store_quantized(y, cols, mask, Out, OutScale, row, C)
+
+
 def _outputs(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
             torch.empty(rows, 1, dtype=torch.float32, device=device))
@@ -115,14 +129,32 @@ def layer_norm_e4m3(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return data, row_scale
 
 
+def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def sum_e4m3(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring (more than one other: all but the last are added first, as the unfused sum)."""
+    for other in others[:-1]:
+        x = x + other
+    a, b = _contiguous_rows(x), _contiguous_rows(others[-1])
+    m, c = a.shape
+    data, row_scale = _outputs(m, c, x.device)
+    if m == 0:
+        return data, row_scale
+    block = triton.next_power_of_2(c)
+    with _on(x.device):
+        _sum_e4m3[(m,)](a, b, data, row_scale, c, BLOCK=block, num_warps=_warps(block))
+    return data, row_scale
+
+
 def gelu_e4m3(x: torch.Tensor, approximate: str, num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring; ``approximate`` must be "tanh" (the FFN's GELU); ``num_warps`` overrides the tuned
     value (benchmarks)."""
     if approximate != "tanh":
         raise ValueError(f"gelu_e4m3 implements GELU with approximate='tanh', got {approximate!r}")
-    rows = x.reshape(-1, x.shape[-1])
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = _contiguous_rows(x)
     m, c = rows.shape
     data, row_scale = _outputs(m, c, x.device)
     if m == 0:

@@ -3,9 +3,11 @@ output as one quant_triton pass, against the step as a generated kernel followed
 when the step cannot quantize for its consumer), per Triton warp count.
 
 Usage (CUDA GPU with e4m3, compute capability 8.9+): python benchmarks/producer_quant_bench.py [--out DIR]
-Steps: LayerNorm + modulation of x [1, 32760, 5120] bf16 (norm1 / norm2 before q/k/v and FFN up), and the tanh GELU of
-one FFN chunk [1, 8192, 13824]. Time: CUDA events, mean of --reps calls after 3 warm-up calls. Writes
-producer_quant_bench.md to --out.
+Steps: LayerNorm + modulation of x [1, 32760, 5120] bf16 (norm1 / norm2 before q/k/v and FFN up), the tanh GELU of
+one FFN chunk [1, 8192, 13824], and the cross-attention's text + image output sum [1, 32760, 5120] before its o
+projection (eager add then quantization, against both in one generated function, and against
+quant_triton.sum_e4m3). Time: CUDA events, mean of --reps calls after 3 warm-up calls. Writes producer_quant_bench.md
+to --out.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ packimport.register()
 from infinitetalk import quant_triton as QT  # noqa: E402
 from infinitetalk.compiled_kernels import fused  # noqa: E402
 from infinitetalk.quant_formats import quantize_rows_e4m3  # noqa: E402
+from infinitetalk.quant_gemm import quantized_output  # noqa: E402
 
 
 @fused(dynamic_rows=True)
@@ -35,6 +38,10 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 @fused(dynamic_rows=True)
 def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h.float(), approximate="tanh").to(h.dtype)
+
+
+def attention_sum(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    return text + image
 
 
 def cuda_ms(fn, reps: int) -> float:
@@ -57,10 +64,16 @@ def main() -> None:
     x = torch.randn(1, 32760, 5120, device="cuda").bfloat16()
     shift, scale = (torch.randn(1, 1, 5120, device="cuda") for _ in range(2))
     h = torch.randn(1, 8192, 13824, device="cuda").bfloat16()
+    y = torch.randn(1, 32760, 5120, device="cuda").bfloat16()
     rows = [("LayerNorm + modulation, then quantization (2 generated kernels)",
              cuda_ms(lambda: quantize_rows_e4m3(layer_norm_modulate(x, shift, scale).reshape(-1, 5120), 0), opts.reps)),
             ("GELU, then quantization (2 generated kernels)",
-             cuda_ms(lambda: quantize_rows_e4m3(gelu_tanh(h).reshape(-1, 13824), 0), opts.reps))]
+             cuda_ms(lambda: quantize_rows_e4m3(gelu_tanh(h).reshape(-1, 13824), 0), opts.reps)),
+            ("attention sum (eager add), then quantization (generated kernel)",
+             cuda_ms(lambda: quantize_rows_e4m3((x + y).reshape(-1, 5120), 0), opts.reps)),
+            ("attention sum quantized in one generated function",
+             cuda_ms(lambda: quantized_output(attention_sum, x, y), opts.reps)),
+            ("sum_e4m3 (one Triton pass)", cuda_ms(lambda: QT.sum_e4m3(x, y), opts.reps))]
     for warps in (2, 4, 8, 16, 32):
         rows.append((f"layer_norm_e4m3, {warps} warps",
                      cuda_ms(lambda: QT.layer_norm_e4m3(x, None, None, 1e-6, shift, scale, num_warps=warps), opts.reps)))

@@ -138,10 +138,6 @@ def _norm_modulate_math(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     return _modulate_math(_layer_norm_math(x, weight, bias, eps), shift, scale)
 
 
-# per-token steps whose quantized output one quant_triton kernel makes from the same arguments
-_QUANTIZING_KERNELS = {_layer_norm_math: "layer_norm_e4m3", _norm_modulate_math: "layer_norm_e4m3"}
-
-
 def _gated_residual_math(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (y.float() * gate + x).to(x.dtype)
 
@@ -209,6 +205,25 @@ def _gelu_math(hidden: torch.Tensor, approximate: str) -> torch.Tensor:
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + y·gate`` in float32, returned in ``x``'s dtype. x, y [B, S, dim]; gate float32 [B, 1, dim]."""
     return per_token(_gated_residual_math, x, rows=(y,), consts=(gate,))
+
+
+def summed(parts: Sequence[torch.Tensor], consumers: Sequence[nn.Module] = ()) -> Union[torch.Tensor, QuantizedRows]:
+    """The sum of ``parts`` ([..., S, C] of one shape and dtype) in their dtype, as :func:`per_token`: quantized in
+    the same pass for the Linears ``consumers`` when they run the fp8 row-wise GEMM."""
+    if len(parts) == 1:
+        return parts[0]
+    return per_token(_sum_math, parts[0], rows=tuple(parts[1:]), consumers=consumers)
+
+
+def _sum_math(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    for other in others:
+        x = x + other
+    return x
+
+
+# per-token steps whose quantized output one quant_triton kernel makes from the same arguments
+_QUANTIZING_KERNELS = {_layer_norm_math: "layer_norm_e4m3", _norm_modulate_math: "layer_norm_e4m3",
+                       _sum_math: "sum_e4m3"}
 
 
 def use_native_rms_norm(model: nn.Module, enabled: bool) -> None:

@@ -19,7 +19,7 @@ from ..fp8_optimization import Ops, QuantMode, ops_for, projections, takes_quant
 from ..quant_gemm import QuantizedRows
 from .config import WanConfig
 from .layers import (FeedForward, MLPProj, WanLayerNorm, WanRMSNorm, by_token_chunks, gated_residual,
-                     sinusoidal_embedding_1d)
+                     sinusoidal_embedding_1d, summed)
 from .rope import RopeTable, norm_and_rotate, rope_table_3d
 
 FFN_CHUNK_TOKENS = 8192  # the FFN runs over token chunks of this size: its [S, ffn_dim] hidden state never exists whole
@@ -99,13 +99,10 @@ class WanT2VCrossAttention(WanSelfAttention):
         return [self._project(context[:, n_img:], self.k, self.v, self.norm_k)]
 
     def queries(self, x: Activation, keys_values: Sequence[KeysValues]) -> torch.Tensor:
-        """x [B, s, dim] -> [B, s, dim]: the attention outputs over each (keys, values) pair, summed, then ``o``."""
+        """x [B, s, dim] -> [B, s, dim]: the attention outputs over each (keys, values) pair, summed, then ``o`` (in
+        fp8 ``_fast``, the sum is quantized for ``o`` in the same pass)."""
         q = self._heads(self.norm_q(self.q(x)))
-        out = None
-        for k, v in keys_values:
-            part = self.attention(q, k, v).flatten(2)
-            out = part if out is None else out + part
-        return self.o(out)
+        return self.o(summed([self.attention(q, k, v).flatten(2) for k, v in keys_values], consumers=(self.o,)))
 
     def forward(self, x: Activation, context: torch.Tensor, n_img: int = 0,
                 keys_values: Optional[Sequence[KeysValues]] = None) -> torch.Tensor:

@@ -96,8 +96,8 @@ def test_model_forward_with_fused_steps_matches_the_eager_run(tmp_path):
 
 def test_fp8_model_with_producer_quantization_matches_the_eager_run(tmp_path, monkeypatch):
     """fp8 _fast on an fp8-GEMM GPU: the norms and the GELU hand their consumers QuantizedRows made in one
-    quant_triton pass (5 per block); the output stays within fp8 noise of the eager run, where every Linear
-    quantizes its own bf16 input."""
+    quant_triton pass (6 per block, the cross-attention's text + image sum included); the output stays within fp8
+    noise of the eager run, where every Linear quantizes its own bf16 input."""
     from infinitetalk.wanvideo import layers as wan_layers
 
     cfg = tiny_config(2)
@@ -110,19 +110,20 @@ def test_fp8_model_with_producer_quantization_matches_the_eager_run(tmp_path, mo
                         lambda math, x, *a, kernel=None: made.append(kernel) or real(math, x, *a, kernel=kernel))
     inputs = tiny_inputs(cfg)
     fused = forward(model, inputs).float()
-    # per block, each one quant_triton pass: norm1+modulation, norm3, norm_x, norm2+modulation, GELU
-    assert sorted(made) == ["gelu_e4m3"] * cfg.num_layers + ["layer_norm_e4m3"] * 4 * cfg.num_layers
+    # per block, each one quant_triton pass: norm1+modulation, norm3, the attention sum, norm_x, norm2+modulation, GELU
+    assert sorted(made) == sorted(["gelu_e4m3", "sum_e4m3"] * cfg.num_layers
+                                  + ["layer_norm_e4m3"] * 4 * cfg.num_layers)
     with eager_kernels():
         eager = forward(model, inputs).float()
-    assert len(made) == 5 * cfg.num_layers and torch.isfinite(fused).all()  # eager: no producer quantization
+    assert len(made) == 6 * cfg.num_layers and torch.isfinite(fused).all()  # eager: no producer quantization
     assert float((fused - eager).norm() / eager.norm()) < 2e-2
 
 
 @pytest.mark.parametrize("batch,strided", [(1, False), (2, True)])
 def test_producer_kernels_equal_the_eager_step_then_quantization(batch, strided):
-    """quant_triton's one-pass LayerNorm(+affine)(+modulation) and GELU quantization against the eager step followed
-    by quantize_rows_e4m3 at the 14B widths: the same e4m3 codes except where a float32 reduction order flips a bf16
-    rounding (a few elements, one e4m3 step each)."""
+    """quant_triton's one-pass LayerNorm(+affine)(+modulation), GELU and sum quantization against the eager step
+    followed by quantize_rows_e4m3 at the 14B widths: the same e4m3 codes except where a float32 reduction order
+    flips a bf16 rounding (a few elements, one e4m3 step each)."""
     import torch.nn.functional as F
 
     from infinitetalk import quant_triton as QT
@@ -141,7 +142,8 @@ def test_producer_kernels_equal_the_eager_step_then_quantization(batch, strided)
     cases = {"affine": (QT.layer_norm_e4m3(x, w, b, 1e-6), F.layer_norm(x.float(), (c,), w, b, 1e-6).bfloat16()),
              "modulated": (QT.layer_norm_e4m3(x, None, None, 1e-6, shift, scale),
                            (plain.float() * (1 + scale) + shift).bfloat16()),
-             "gelu": (QT.gelu_e4m3(hidden, "tanh"), F.gelu(hidden, approximate="tanh"))}
+             "gelu": (QT.gelu_e4m3(hidden, "tanh"), F.gelu(hidden, approximate="tanh")),
+             "sum": (QT.sum_e4m3(x, plain), x + plain)}
     for name, ((data, row_scale), step) in cases.items():
         ref_data, ref_scale = quantize_rows_e4m3(step.reshape(-1, step.shape[-1]), 0)
         assert data.shape == ref_data.shape and row_scale.shape == ref_scale.shape, name

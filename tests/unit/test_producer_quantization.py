@@ -51,8 +51,9 @@ def test_producers_quantize_for_fp8_layers_and_the_output_is_unchanged(monkeypat
 
     monkeypatch.setattr(wan_layers, "quantized_output", counting)
     fused = _forward(model)
-    # per block: norm1+modulation (q/k/v), norm3 (text/image q), norm_x (audio q), norm2+modulation (FFN up), GELU
-    assert sorted(made) == sorted(["_norm_modulate_math", "_layer_norm_math", "_layer_norm_math",
+    # per block: norm1+modulation (q/k/v), norm3 (text/image q), the text + image attention sum (cross-attention o),
+    # norm_x (audio q), norm2+modulation (FFN up), GELU
+    assert sorted(made) == sorted(["_norm_modulate_math", "_layer_norm_math", "_sum_math", "_layer_norm_math",
                                    "_norm_modulate_math", "_gelu_math"] * 2)
     monkeypatch.setattr(wan_layers, "takes_quantized_rows", lambda layers, x: False)
     assert torch.equal(fused, _forward(model))

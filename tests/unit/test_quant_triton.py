@@ -1,4 +1,4 @@
-"""The producer kernels of quant_triton (LayerNorm / modulation / GELU, then per-token e4m3 quantization in one
+"""The producer kernels of quant_triton (LayerNorm / modulation / GELU / a sum, then per-token e4m3 quantization in one
 pass) against the eager step followed by quant_formats.quantize_rows_e4m3, run on the CPU under Triton's
 interpreter (in a subprocess with TRITON_INTERPRET=1). The interpreter's own float8 cast is coarser than the GPU's
 round-to-nearest (about 5.5 % error instead of 2.7 %), so values are compared within two e4m3 steps: enough to
@@ -49,6 +49,8 @@ for b, s, c, strided in [(1, 37, 160, False), (2, 21, 96, True)]:
     compare("modulated", QT.layer_norm_e4m3(x, None, None, 1e-6, shift, scale), modulated)
     h = 2 * torch.randn(b, s, 3 * c, generator=gen).bfloat16()
     compare("gelu", QT.gelu_e4m3(h, "tanh"), F.gelu(h, approximate="tanh"))
+    text, image = (torch.randn(b, s, c, generator=gen).bfloat16() for _ in range(2))
+    compare("sum", QT.sum_e4m3(text, image), text + image)
 """
 
 
@@ -64,7 +66,7 @@ def interpreted() -> list[dict]:
 
 
 def test_producer_kernels_equal_the_eager_step_then_quantization(interpreted):
-    assert [r["case"] for r in interpreted] == ["layer_norm", "modulated", "gelu"] * 2
+    assert [r["case"] for r in interpreted] == ["layer_norm", "modulated", "gelu", "sum"] * 2
     for r in interpreted:
         assert r["shape"] and r["dtype"] == "torch.float8_e4m3fn", r
         assert r["scale_err"] < 2e-2, r  # amax of the same values, up to a bf16 step in each of its two roundings
