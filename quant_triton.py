@@ -134,19 +134,24 @@ def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.is_contiguous() else rows.contiguous()
 
 
+def _row_kernel(kernel, rows: tuple[torch.Tensor, ...],
+                num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernel`` (one program per row, arguments: the input rows, Out, OutScale, C, BLOCK) over ``rows`` ([M, C]
+    contiguous each) -> (e4m3 [M, C], float32 [M, 1])."""
+    m, c = rows[0].shape
+    data, row_scale = _outputs(m, c, rows[0].device)
+    if m:
+        block = triton.next_power_of_2(c)
+        with _on(rows[0].device):
+            kernel[(m,)](*rows, data, row_scale, c, BLOCK=block, num_warps=num_warps or _warps(block))
+    return data, row_scale
+
+
 def sum_e4m3(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring (more than one other: all but the last are added first, as the unfused sum)."""
     for other in others[:-1]:
         x = x + other
-    a, b = _contiguous_rows(x), _contiguous_rows(others[-1])
-    m, c = a.shape
-    data, row_scale = _outputs(m, c, x.device)
-    if m == 0:
-        return data, row_scale
-    block = triton.next_power_of_2(c)
-    with _on(x.device):
-        _sum_e4m3[(m,)](a, b, data, row_scale, c, BLOCK=block, num_warps=_warps(block))
-    return data, row_scale
+    return _row_kernel(_sum_e4m3, (_contiguous_rows(x), _contiguous_rows(others[-1])))
 
 
 def gelu_e4m3(x: torch.Tensor, approximate: str, num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +159,4 @@ def gelu_e4m3(x: torch.Tensor, approximate: str, num_warps: Optional[int] = None
     value (benchmarks)."""
     if approximate != "tanh":
         raise ValueError(f"gelu_e4m3 implements GELU with approximate='tanh', got {approximate!r}")
-    rows = _contiguous_rows(x)
-    m, c = rows.shape
-    data, row_scale = _outputs(m, c, x.device)
-    if m == 0:
-        return data, row_scale
-    block = triton.next_power_of_2(c)
-    with _on(x.device):
-        _gelu_tanh_e4m3[(m,)](rows, data, row_scale, c, BLOCK=block, num_warps=num_warps or _warps(block))
-    return data, row_scale
+    return _row_kernel(_gelu_tanh_e4m3, (_contiguous_rows(x),), num_warps)
