@@ -144,8 +144,9 @@ class AttentionBackend:
     def rows_e4m3(self, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``self(q, k, v)`` written as the e4m3 activations of an fp8 row-wise GEMM (the output projection's):
-        (data [B·Lq, H·D] e4m3 contiguous, scale float32 [B·Lq, 1]), output ≈ data · scale per row, when the kernel
-        this call runs writes them itself (``KernelSpec.run_rows``); else None, and the caller calls the back-end."""
+        (data [B·Lq, H·D] e4m3 contiguous, scale float32 [B·Lq, 1]), output ≈ data · scale per row, when the
+        kernel this call runs writes them itself (``KernelSpec.run_rows``); else None: the caller calls the
+        back-end."""
         _check_operands(q, k, v)
         return _run_rows(self.chain, _allows_cast(self.requested), q, k, v)
 
