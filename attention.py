@@ -412,8 +412,11 @@ def operand_checks(enabled: bool = True) -> Iterator[None]:
         _CHECKS.reset(token)
 
 
-def _verify_operands(spec: KernelSpec, given: tuple, used: tuple, reported: set) -> None:
-    for name, t, op in zip("qkv", given, used):
+def _picked(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v):
+    """:func:`_pick`; under :func:`operand_checks` the prepared operands are verified and copied inputs logged."""
+    spec, *used = _pick(chain, q, k, v, allow_cast)
+    reported = _CHECKS.get()
+    for name, t, op in zip("qkv", (q, k, v), used) if reported is not None else ():
         if not op.is_contiguous() or op.data_ptr() % ALIGN_BYTES:
             raise RuntimeError(f"attention kernel {spec.name}: operand {name} {tuple(op.shape)} is not contiguous "
                                f"and {ALIGN_BYTES}-byte aligned (strides {op.stride()}, address {op.data_ptr():#x})")
@@ -421,6 +424,7 @@ def _verify_operands(spec: KernelSpec, given: tuple, used: tuple, reported: set)
             reported.add((spec.name, name))
             log.info("force_contiguous_tensors: attention input %s %s of %s arrived with strides %s; copied to a "
                      "contiguous %s operand", name, tuple(t.shape), spec.name, t.stride(), spec.layout.value)
+    return (spec, *used)
 
 
 @torch.compiler.disable  # runs eagerly inside compiled models: one graph break instead of several
@@ -434,10 +438,7 @@ def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> to
     if lens is not None and (first is None or not first.masked):
         return torch.cat([_run(chain, allow_cast, q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], None)
                           for b, n in enumerate(lens)])
-    spec, qp, kp, vp = _pick(chain, q, k, v, allow_cast)
-    reported = _CHECKS.get()
-    if reported is not None:
-        _verify_operands(spec, (q, k, v), (qp, kp, vp), reported)
+    spec, qp, kp, vp = _picked(chain, allow_cast, q, k, v)
     out = spec.run(qp, kp, vp, None if lens is None else torch.tensor(lens, device=q.device))
     out = out.transpose(1, 2) if spec.layout is Layout.HND else out
     return out.to(q.dtype).contiguous()
@@ -446,12 +447,9 @@ def _run(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v, k_lens) -> to
 @torch.compiler.disable
 def _run_rows(chain: tuple[KernelSpec, ...], allow_cast: bool, q, k, v) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """:meth:`AttentionBackend.rows_e4m3` for the kernel of ``chain`` that takes this call, or None."""
-    spec, qp, kp, vp = _pick(chain, q, k, v, allow_cast)
+    spec, qp, kp, vp = _picked(chain, allow_cast, q, k, v)
     if spec.run_rows is None:
         return None
-    reported = _CHECKS.get()
-    if reported is not None:
-        _verify_operands(spec, (q, k, v), (qp, kp, vp), reported)
     data, scale = spec.run_rows(qp, kp, vp)
     return data.view(q.shape[0] * q.shape[1], -1), scale
 

@@ -208,11 +208,12 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 
 
 def summed(parts: Sequence[torch.Tensor], consumers: Sequence[nn.Module] = ()) -> Union[torch.Tensor, QuantizedRows]:
-    """The sum of ``parts`` ([..., S, C] of one shape and dtype) in their dtype, as :func:`per_token`: quantized in
-    the same pass for the Linears ``consumers`` when they run the fp8 row-wise GEMM."""
-    if len(parts) == 1:
-        return parts[0]
-    return per_token(_sum_math, parts[0], rows=tuple(parts[1:]), consumers=consumers)
+    """The sum of ``parts`` ([..., S, C] of one shape and dtype) in their dtype; when the Linears ``consumers`` run
+    the fp8 row-wise GEMM (``fp8_optimization.takes_quantized_rows``), quantized for them in the same pass
+    (``quant_triton.sum_e4m3`` on the GPU)."""
+    if len(parts) > 1 and consumers and takes_quantized_rows(consumers, parts[0]):
+        return quantized_output(_sum_math, *parts, kernel="sum_e4m3")
+    return _sum_math(*parts)
 
 
 def _sum_math(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
@@ -222,8 +223,7 @@ def _sum_math(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
 
 
 # per-token steps whose quantized output one quant_triton kernel makes from the same arguments
-_QUANTIZING_KERNELS = {_layer_norm_math: "layer_norm_e4m3", _norm_modulate_math: "layer_norm_e4m3",
-                       _sum_math: "sum_e4m3"}
+_QUANTIZING_KERNELS = {_layer_norm_math: "layer_norm_e4m3", _norm_modulate_math: "layer_norm_e4m3"}
 
 
 def use_native_rms_norm(model: nn.Module, enabled: bool) -> None:
